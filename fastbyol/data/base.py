@@ -1,0 +1,40 @@
+"""The loader interface both data paths (torch DataLoader, DALI) implement.
+
+A training loader yields :class:`TwoViewBatch` objects whose views are already augmented,
+normalised float tensors on the training device, so the trainer never knows which path
+produced them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+
+
+@dataclass
+class TwoViewBatch:
+    view1: torch.Tensor  # [B, 3, H, W] float, normalised, on the training device
+    view2: torch.Tensor  # [B, 3, H, W]
+    labels: torch.Tensor  # [B] int64 (-1 where unknown); used by nothing in training
+
+
+class TwoViewLoader(Protocol):
+    """What the trainer needs from a training data path.
+
+    * ``len(loader)``: optimizer steps per epoch for this rank (full batches only).
+    * ``set_epoch(epoch, start_step)``: the next ``iter`` yields epoch ``epoch`` from its
+      batch ``start_step`` on (exact resume); shuffling is a function of (seed, epoch).
+    * ``skipped``: number of unreadable files met so far (counted, logged, never fatal).
+    """
+
+    batch_size: int  # per-rank micro-batch
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None: ...
+
+    def __iter__(self) -> Iterator[TwoViewBatch]: ...
+
+    @property
+    def skipped(self) -> int: ...

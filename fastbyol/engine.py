@@ -1,0 +1,87 @@
+"""The optimisation step behind one interface, so the trainer does not care who runs it.
+
+:class:`LocalEngine` is the single-process engine (autocast, fp16 loss scaling, gradient
+accumulation). The DeepSpeed engine (:mod:`fastbyol.deepspeed_engine`) implements the same
+methods:
+
+* ``module``: the online network to call (possibly wrapped);
+* ``autocast()``: the precision context for the forward pass;
+* ``backward(loss)``: one micro-batch's backward;
+* ``step() -> bool``: called after every micro-batch; True only when an optimizer step was
+  applied (an accumulation boundary that fp16 loss scaling did not skip). The target
+  update and the schedules advance on True alone;
+* ``set_lr(lr)``; ``ema_source()``: the modules whose fp32 weights the target averages;
+* ``save(path, state)`` / ``load(path) -> state``: checkpoints including optimizer state.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_save, load_checkpoint
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+class LocalEngine:
+    """One process: autocast forward, GradScaler for fp16, accumulation over micro-batches."""
+
+    def __init__(self, online: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                 precision: str = "fp32", grad_accum: int = 1, compile: bool = False):
+        self.online, self.optimizer, self.device = online, optimizer, device
+        self.precision, self.grad_accum = precision, grad_accum
+        self.module = torch.compile(online) if compile else online
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self._micro = 0
+
+    def autocast(self):
+        return autocast_context(self.device, self.precision)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.grad_accum if self.grad_accum > 1 else loss
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self) -> bool:
+        self._micro += 1
+        if self._micro % self.grad_accum:
+            return False
+        if self.scaler is None:
+            self.optimizer.step()
+            applied = True
+        else:
+            # The scaler reads found-inf back to the host anyway; a lowered scale means the
+            # step was skipped, and then neither the target nor the schedules may move.
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            applied = self.scaler.get_scale() >= scale
+        self.optimizer.zero_grad(set_to_none=True)
+        return applied
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def ema_source(self) -> nn.Module:
+        return self.online
+
+    def save(self, path: str, state: Dict[str, Any]) -> None:
+        state = dict(state, optimizer=self.optimizer.state_dict(),
+                     scaler=self.scaler.state_dict() if self.scaler is not None else None)
+        atomic_save(state, path)
+
+    def load(self, path: str) -> Dict[str, Any]:
+        state = load_checkpoint(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        return state

@@ -1,0 +1,242 @@
+"""The training loop: data → BYOL forward → engine step → target EMA → schedules → monitors.
+
+Resuming at step k reproduces the uninterrupted run exactly (on CPU): schedules are
+functions of the step, data order a function of (seed, epoch), augmentation draws a
+function of (seed, epoch, sample) and (seed, step), and the checkpoint holds the rest.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import CHECKPOINT_NAME, resolve_checkpoint, rng_state, set_rng_state
+from .config import Config
+from .data import build_train_loader, resolve_sources
+from .data.torch_loader import eval_loader
+from .engine import LocalEngine
+from .errors import FastByolError
+from .knn import knn_accuracy
+from .model import BYOL
+from .monitor import Monitor, collapse_std
+from .optim import build_optimizer
+from .schedules import lr_at, scaled_lr, tau_at
+
+log = logging.getLogger("fastbyol")
+
+BN_BUFFER_MODES = {"own": "none", "ema": "ema", "copy": "copy"}
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, dist: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise FastByolError("--train.device cuda requested but CUDA is not available")
+        return torch.device("cuda", dist.local_rank)
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: Config, device: torch.device) -> BYOL:
+    from functools import partial
+
+    from fastbyol_kernels import byol_loss
+
+    m = cfg.model
+    model = BYOL(m.backbone, cifar_stem=m.cifar_stem, projector_hidden=m.projector_hidden,
+                 projection_dim=m.projection_dim, predictor_hidden=m.predictor_hidden,
+                 use_momentum=m.use_momentum, loss_fn=partial(byol_loss, backend=cfg.train.kernels))
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def check_writable(out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "w") as fh:
+            fh.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise FastByolError(f"cannot write to --out {out!r}: {e.strerror or e}") from None
+
+
+class Trainer:
+    """Owns one run. ``Trainer(cfg).fit()`` returns a summary dict.
+
+    ``engine_factory(model, cfg, device, dist) -> engine`` swaps in another engine
+    (DeepSpeed); the default is :class:`~fastbyol.engine.LocalEngine`.
+    """
+
+    def __init__(self, cfg: Config, dist: Optional[DistInfo] = None, engine_factory=None):
+        cfg.validate()
+        self.cfg, self.dist = cfg, dist or DistInfo()
+        t = cfg.train
+        if t.batch_size % (self.dist.world_size * cfg.dist.grad_accum):
+            raise FastByolError(f"train.batch_size {t.batch_size} is not divisible by world size "
+                                f"{self.dist.world_size} x dist.grad_accum {cfg.dist.grad_accum}")
+        if self.dist.is_main:
+            check_writable(t.out)
+        self.device = resolve_device(t.device, self.dist)
+        seed_everything(t.seed)
+        self.train_src, self.val_src = resolve_sources(cfg)
+        self.micro_batch = t.batch_size // (self.dist.world_size * cfg.dist.grad_accum)
+        self.loader = build_train_loader(cfg, self.train_src, self.device, self.micro_batch,
+                                         self.dist.rank, self.dist.world_size)
+        self.steps_per_epoch = len(self.loader) // cfg.dist.grad_accum
+        if self.steps_per_epoch < 1:
+            raise FastByolError(f"batch size {t.batch_size} is larger than the data set ({len(self.train_src)} images)")
+        self.total_steps = t.epochs * self.steps_per_epoch
+        self.stop_step = min(self.total_steps, t.max_steps or self.total_steps)
+        self.peak_lr = scaled_lr(cfg.optim.base_lr, t.batch_size)
+        self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+
+        self.model = build_model(cfg, self.device)
+        if engine_factory is None:
+            opt = build_optimizer(self.model.online, cfg.optim, self.peak_lr)
+            self.engine = LocalEngine(self.model.online, opt, self.device, t.precision, cfg.dist.grad_accum, t.compile)
+        else:
+            self.engine = engine_factory(self.model, cfg, self.device, self.dist)
+        self.step = 0
+        self.knn_random: Optional[float] = None
+        self.monitor = Monitor(t.out, self.total_steps, t.batch_size, cfg.model.projection_dim,
+                               enabled=self.dist.is_main)
+        self.ckpt_path = os.path.join(t.out, CHECKPOINT_NAME)
+        if t.resume:
+            self._resume(t.resume)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> Dict:
+        return {
+            "config": self.cfg.to_dict(), "step": self.step, "online": self.model.online.state_dict(),
+            "target": self.model.target.state_dict() if self.model.target is not None else None,
+            "rng": rng_state(), "knn_random": self.knn_random, "history": self.monitor.history,
+        }
+
+    def save(self) -> None:
+        self._check_finite()
+        self.engine.save(self.ckpt_path, self._state())
+
+    def _resume(self, path: str) -> None:
+        state = self.engine.load(resolve_checkpoint(path))
+        try:
+            self.model.online.load_state_dict(state["online"])
+            if self.model.target is not None:
+                self.model.target.load_state_dict(state["target"])
+        except RuntimeError as e:
+            raise FastByolError(f"checkpoint {path!r} does not match this model: {str(e).splitlines()[0]}") from None
+        self.step = int(state["step"])
+        self.knn_random = state.get("knn_random")
+        self.monitor.history = list(state.get("history") or [])
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ evaluation
+    def knn(self, encoder=None) -> float:
+        t = self.cfg.train
+        workers = self.cfg.data.workers
+        size = self.cfg.augment.image_size
+        bank = eval_loader(self.train_src, size, 256, workers, t.knn_max_train, t.seed)
+        query = eval_loader(self.val_src, size, 256, workers)
+        return knn_accuracy(encoder or self.model.online.encoder, bank, query, len(self.train_src.classes),
+                            self.device, self.cfg.augment, t.knn_k, t.knn_t)
+
+    def _check_finite(self) -> None:
+        if self._nonfinite is not None and bool(self._nonfinite):
+            raise FastByolError(
+                f"non-finite loss before step {self.step}: stopping (last good checkpoint kept at {self.ckpt_path}); "
+                "try a lower --optim.base_lr or --train.precision fp32")
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> Dict:
+        cfg, t = self.cfg, self.cfg.train
+        run_knn = t.knn_every > 0 and self.dist.is_main
+        if run_knn and self.knn_random is None and self.step == 0:
+            self.knn_random = self.knn()
+            self.monitor.log_knn(0, -1, self.knn_random)
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        loss_n = 0
+        accum = cfg.dist.grad_accum
+        buffers = BN_BUFFER_MODES[cfg.model.bn_buffers]
+        tau = tau_at(self.step, self.total_steps, cfg.optim.tau_base)
+        self.engine.set_lr(lr_at(self.step, self.total_steps, self.peak_lr, self.warmup_steps))
+        t_start, step_start = time.perf_counter(), self.step
+        last_knn = None
+        self.model.train()
+        while self.step < self.stop_step:
+            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+            self.loader.set_epoch(epoch, in_epoch * accum)
+            micro = in_epoch * accum
+            for batch in self.loader:
+                with self.engine.autocast():
+                    out = self.model(batch.view1, batch.view2, online=self.engine.module)
+                self.engine.backward(out.loss)
+                loss = out.loss.detach().float()
+                self._nonfinite |= ~torch.isfinite(loss)
+                loss_sum += loss
+                loss_n += 1
+                micro += 1
+                if not self.engine.step():
+                    if micro >= self.steps_per_epoch * accum:
+                        break
+                    continue
+                tau = tau_at(self.step, self.total_steps, cfg.optim.tau_base)
+                self.model.update_target(tau, buffers, t.kernels, source=self.engine.ema_source())
+                self.step += 1
+                lr = lr_at(self.step, self.total_steps, self.peak_lr, self.warmup_steps)
+                self.engine.set_lr(lr)
+                if self.step % t.log_every == 0 or self.step == self.stop_step:
+                    self._check_finite()
+                    self.monitor.log_step(self.step, epoch, t.epochs, (loss_sum / max(1, loss_n)).item(), lr, tau,
+                                          collapse_std(out.z).item(), self.loader.skipped)
+                    loss_sum.zero_()
+                    loss_n = 0
+                if self.step >= self.stop_step or micro >= self.steps_per_epoch * accum:
+                    break
+            epoch_done = self.step % self.steps_per_epoch == 0
+            finished = self.step >= self.stop_step
+            done_epochs = self.step // self.steps_per_epoch
+            if epoch_done and run_knn and (done_epochs % t.knn_every == 0 or finished):
+                last_knn = self.knn()
+                self.monitor.log_knn(self.step, done_epochs - 1, last_knn)
+            if finished or (epoch_done and t.ckpt_every and done_epochs % t.ckpt_every == 0):
+                self.save()
+        if run_knn and last_knn is None:
+            last_knn = self.knn()
+            self.monitor.log_knn(self.step, self.step // self.steps_per_epoch, last_knn)
+        elapsed = time.perf_counter() - t_start
+        summary = {
+            "steps": self.step, "epochs": self.step / self.steps_per_epoch, "seconds": elapsed,
+            "images_per_s": (self.step - step_start) * t.batch_size / max(elapsed, 1e-9),
+            "knn_top1": last_knn, "knn_top1_random_init": self.knn_random,
+            "skipped_files": self.loader.skipped, "checkpoint": self.ckpt_path,
+        }
+        plot = self.monitor.close()
+        summary["curves"] = plot
+        return summary

@@ -1,0 +1,33 @@
+"""fastbyol: the fastest correct BYOL pretraining system for PyTorch.
+
+`kernels/` installs as the import package `fastbyol_kernels` (the bare name
+`kernels` belongs to an unrelated PyPI project).
+"""
+from setuptools import find_packages, setup
+
+# Pinned: everything built against torch must match the torch build exactly,
+# or pip silently upgrades torch (see DEVELOPERS.md).
+TORCH = ["torch==2.13.0,!=2.13.0+cpu", "torchvision==0.28.0"]
+
+EXTRAS = {
+    "test": ["pytest>=7", "matplotlib"],
+    "dali": ["nvidia-dali-cuda130==2.4.0"],
+    "dali-cuda120": ["nvidia-dali-cuda120"],
+    "deepspeed": ["deepspeed==0.19.8"],
+    "bench": ["lightly==1.6.0", "byol-pytorch==0.9.1"],
+}
+EXTRAS["all"] = sorted({d for k in ("test", "dali", "deepspeed") for d in EXTRAS[k]})
+
+setup(
+    name="fastbyol",
+    version="0.1.0",
+    description="Fast, paper-exact BYOL self-supervised pretraining (DALI, Triton, DeepSpeed)",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fastbyol", "fastbyol.*"]) + ["fastbyol_kernels"],
+    package_dir={"fastbyol_kernels": "kernels"},
+    install_requires=TORCH + ["numpy", "pillow"],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["fastbyol = fastbyol.cli:main"]},
+)

@@ -1,0 +1,132 @@
+"""The paper's two views: per-sample randomness and per-view frequencies (BYOL_SPEC table)."""
+import numpy as np
+import pytest
+import torch
+
+from fastbyol.augment import augment_pair, augment_view, gaussian_blur, sample_crop_box, step_generator, two_crops, unnormalize
+from fastbyol.config import AugmentConfig, ViewConfig, preset
+
+N = 2000  # samples per frequency estimate: binomial std <= 0.011
+TOL = 0.045
+
+
+def only(**kw):
+    """A view with every op off except the ones named."""
+    base = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+    base.update(kw)
+    return ViewConfig(**base)
+
+
+def _raw(view, x, seed=0, cfg=None):
+    cfg = cfg or AugmentConfig(image_size=x.shape[-1])
+    out = augment_view(x, view, cfg, step_generator(torch.device("cpu"), seed, 0))
+    return unnormalize(out, cfg)
+
+
+def _const(rgb, n=N, size=6):
+    return torch.tensor(rgb, dtype=torch.uint8).view(1, 3, 1, 1).expand(n, 3, size, size).contiguous()
+
+
+def test_output_shape_dtype_and_normalisation():
+    cfg = AugmentConfig(image_size=16)
+    crops = torch.randint(0, 256, (64, 2, 3, 16, 16), dtype=torch.uint8)
+    v1, v2 = augment_pair(crops, cfg, step_generator(torch.device("cpu"), 0, 0))
+    assert v1.shape == v2.shape == (64, 3, 16, 16) and v1.dtype == torch.float32
+    for v in (v1, v2):
+        raw = unnormalize(v, cfg)
+        assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
+    assert not torch.allclose(v1, v2)
+    # A plain normalisation of mid-grey gives (0.5 - mean) / std.
+    mid = _raw(only(), _const((128, 128, 128), 2))
+    torch.testing.assert_close(mid, torch.full_like(mid, 128 / 255), rtol=0, atol=1e-6)
+
+
+def test_flip_frequency_and_per_sample():
+    ramp = torch.arange(6, dtype=torch.uint8).mul(40).view(1, 1, 1, 6).expand(N, 3, 6, 6).contiguous()
+    out = _raw(only(flip_p=0.5), ramp)
+    flipped = (out[:, 0, 0, 0] > out[:, 0, 0, -1]).float()
+    assert abs(flipped.mean().item() - 0.5) < TOL
+    assert 0 < flipped[:32].sum() < 32  # drawn per sample, not once per batch
+
+
+@pytest.mark.parametrize("view_name", ["view1", "view2"])
+def test_paper_view_frequencies(view_name):
+    """Each op of the paper's views at its own rate: solarise 0 / 0.2, grayscale 0.2, blur 1 / 0.1."""
+    # sigma >= 1 so that every blurred checkerboard visibly changes (sigma 0.1 is a no-op).
+    cfg = AugmentConfig(image_size=6, blur_sigma=(1.0, 2.0))
+    view = getattr(cfg, view_name)
+    sol = _raw(only(solarize_p=view.solarize_p), _const((191, 191, 191)), cfg=cfg)
+    sol_rate = (sol[:, 0, 0, 0] < 0.5).float().mean().item()
+    gray = _raw(only(grayscale_p=view.grayscale_p), _const((255, 0, 0)), cfg=cfg)
+    gray_rate = (gray[:, 1, 0, 0] > 0.1).float().mean().item()
+    checker = (torch.arange(6).view(1, 6) + torch.arange(6).view(6, 1)) % 2 * 255
+    checker = checker.to(torch.uint8).view(1, 1, 6, 6).expand(N, 3, 6, 6).contiguous()
+    blur = _raw(only(blur_p=view.blur_p), checker, cfg=cfg)
+    blur_rate = ((blur - checker.float() / 255).abs().amax((1, 2, 3)) > 0.05).float().mean().item()
+    expected = {"view1": (0.0, 0.2, 1.0), "view2": (0.2, 0.2, 0.1)}[view_name]
+    assert sol_rate == pytest.approx(expected[0], abs=TOL)
+    assert gray_rate == pytest.approx(expected[1], abs=TOL)
+    assert blur_rate == pytest.approx(expected[2], abs=TOL)
+
+
+def test_jitter_frequency_and_ranges():
+    v = only(jitter_p=0.8, brightness=0.4, contrast=0.0, saturation=0.0, hue=0.0)
+    out = _raw(v, _const((100, 100, 100)))
+    factor = out[:, 0, 0, 0] / (100 / 255)
+    changed = (factor - 1).abs() > 1e-4
+    assert changed.float().mean().item() == pytest.approx(0.8, abs=TOL)
+    assert factor.min() >= 0.6 - 1e-4 and factor.max() <= 1.4 + 1e-4
+    assert factor[changed].std() > 0.15  # per-sample factors, uniform on [0.6, 1.4] (std 0.23)
+
+
+def test_hue_rotation_keeps_gray_and_moves_colour():
+    v = only(jitter_p=1.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.1)
+    gray = _raw(v, _const((90, 90, 90), 64))
+    torch.testing.assert_close(gray, torch.full_like(gray, 90 / 255), atol=1e-5, rtol=0)
+    red = _raw(v, _const((200, 30, 30), 64))
+    assert (red[:, 1] - red[:, 2]).abs().amax() > 0.05  # hue moved off pure red for some samples
+
+
+def test_views_are_a_function_of_the_step_seed():
+    crops = torch.randint(0, 256, (8, 2, 3, 8, 8), dtype=torch.uint8)
+    cfg = AugmentConfig(image_size=8)
+    a = augment_pair(crops, cfg, step_generator(torch.device("cpu"), 3, 5))
+    b = augment_pair(crops, cfg, step_generator(torch.device("cpu"), 3, 5))
+    c = augment_pair(crops, cfg, step_generator(torch.device("cpu"), 3, 6))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_gaussian_blur_matches_dense_reference():
+    x = torch.rand(3, 3, 9, 11, dtype=torch.float64)
+    sigma = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    out = gaussian_blur(x, sigma, 5)
+    for i in range(3):
+        pos = torch.arange(-2, 3, dtype=torch.float64)
+        k = torch.exp(-pos ** 2 / (2 * sigma[i] ** 2))
+        k = k / k.sum()
+        padded = torch.nn.functional.pad(x[i: i + 1], (2, 2, 2, 2), mode="reflect")
+        ref = torch.nn.functional.conv2d(padded, (k.view(-1, 1) * k.view(1, -1)).expand(3, 1, 5, 5), groups=3)
+        torch.testing.assert_close(out[i], ref[0])
+    torch.testing.assert_close(out.sum((2, 3)), x.sum((2, 3)), rtol=0.05, atol=0)
+
+
+def test_crop_box_scale_and_ratio():
+    rng = np.random.default_rng(0)
+    areas, ratios = [], []
+    for _ in range(2000):
+        top, left, h, w = sample_crop_box(375, 500, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        assert 0 <= top and top + h <= 375 and 0 <= left and left + w <= 500
+        areas.append(h * w / (375 * 500))
+        ratios.append(w / h)
+    assert 0.07 <= min(areas) and max(areas) <= 1.0 and 0.35 < np.mean(areas) < 0.55  # rejection of oversize boxes lowers it from 0.54
+    assert min(ratios) >= 0.74 and max(ratios) <= 1.34
+
+
+def test_two_crops_differ_and_have_the_configured_size():
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    crops = two_crops(img, preset("smoke").augment, np.random.default_rng(1))
+    assert crops.shape == (2, 3, 16, 16) and crops.dtype == np.uint8
+    assert not np.array_equal(crops[0], crops[1])

@@ -165,14 +165,14 @@ def _cifar10_resnet18() -> Config:
 
 def _default() -> Config:
     # What `fastbyol train` runs with no data argument: the embedded synthetic set on a
-    # 2-core CPU in about five minutes. A 4-layer convnet (a ResNet-18 trains at ~15 img/s
+    # 2-core CPU in about three minutes. A 4-layer convnet (a ResNet-18 trains at ~15 img/s
     # there); tau_base 0.9 because 0.99 learns nothing in a few hundred steps (DEVELOPERS.md).
     return Config(
         preset="default",
         model=ModelConfig(backbone="convnet4", projector_hidden=512, predictor_hidden=512, projection_dim=128),
         augment=_cifar_augment(32),
         optim=OptimConfig(optimizer="sgd", base_lr=0.4, weight_decay=1e-4, warmup_epochs=1, tau_base=0.9),
-        train=TrainConfig(batch_size=64, epochs=12, precision="fp32", knn_every=4, knn_k=20, ckpt_every=4,
+        train=TrainConfig(batch_size=64, epochs=30, precision="fp32", knn_every=5, knn_k=20, ckpt_every=5,
                           log_every=10, out="runs/default"),
     )
 

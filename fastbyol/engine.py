@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_save, load_checkpoint
+from .errors import FastByolError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -75,13 +76,19 @@ class LocalEngine:
         return self.online
 
     def save(self, path: str, state: Dict[str, Any]) -> None:
-        state = dict(state, optimizer=self.optimizer.state_dict(),
+        state = dict(state, optimizer=self.optimizer.state_dict(), optimizer_class=type(self.optimizer).__name__,
                      scaler=self.scaler.state_dict() if self.scaler is not None else None)
         atomic_save(state, path)
 
     def load(self, path: str) -> Dict[str, Any]:
         state = load_checkpoint(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved, mine = state.get("optimizer_class"), type(self.optimizer).__name__
+        if saved != mine:
+            raise FastByolError(f"cannot resume {path!r}: it was trained with {saved}, this run uses {mine}")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError) as e:
+            raise FastByolError(f"cannot resume {path!r}: its optimizer state does not fit this run ({e})") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         return state

@@ -1,12 +1,13 @@
 """The embedded default data set: procedural textures, written once as JPEG class folders.
 
-``fastbyol train`` with no ``--data`` trains on it, with no download. It is built so that
-the labels follow the *structure* of an image (stripes, checks, rings, dots, ...), while
-each image's colours are random smooth fields that vary within the image, and its
-frequency, phase and contrast vary too. A randomly initialised encoder's features are
-dominated by colour and intensity, so its kNN accuracy stays low; BYOL's colour jitter,
-grayscale and crops teach invariance to exactly those nuisances, so a trained encoder
-separates the classes. (Constant colours per image would let BYOL learn a colour shortcut.)
+``fastbyol train`` with no ``--data`` trains on it, with no download. Eight classes are
+defined by an image's *structure* (horizontal or vertical stripes, checks, cross-hatch,
+rings, dots, blobs, noise); its colours are random fields that change every few pixels
+(so two crops of one image rarely share colours; constant colours per image would teach
+BYOL a colour shortcut), and frequency, phase, contrast and brightness vary too. The
+background is the complement of the foreground colour, so the structure is always
+visible. Measured on the 2-core CPU box (README): a random-init ConvNet4 reaches ~60%
+kNN top-1 (chance 12.5%), the BYOL-trained one ~90% after ~100 s.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from typing import Callable, Dict
 
 import numpy as np
 
-VERSION = 1
+VERSION = 2
 SIZE = 32
+FREQ = (5.0, 7.0)  # pattern cycles per image side
 
 
 def _grid(size: int):
@@ -25,12 +27,16 @@ def _grid(size: int):
     return x, y
 
 
-def _smooth_colour_field(rng: np.random.Generator, size: int) -> np.ndarray:
-    """An RGB field [size, size, 3] in [0, 1] that drifts smoothly across the image."""
-    x, y = _grid(size)
-    corners = rng.uniform(0, 1, size=(4, 3)).astype(np.float32)
-    w = [((1 - x) * (1 - y))[..., None], (x * (1 - y))[..., None], ((1 - x) * y)[..., None], (x * y)[..., None]]
-    return sum(wi * c for wi, c in zip(w, corners))
+def _smooth_colour_field(rng: np.random.Generator, size: int, cells: int = 4) -> np.ndarray:
+    """An RGB field [size, size, 3] in [0, 1]: random colours on a ``cells``² grid, bilinearly
+    interpolated, so two crops of one image rarely share their colours."""
+    grid = rng.uniform(0, 1, size=(cells + 1, cells + 1, 3)).astype(np.float32)
+    t = np.linspace(0, cells, size, dtype=np.float32)
+    i = np.minimum(t.astype(int), cells - 1)
+    f = (t - i)[:, None, None]
+    rows = grid[i] * (1 - f) + grid[i + 1] * f  # [size, cells+1, 3]
+    fx = (t - i)[None, :, None]
+    return rows[:, i] * (1 - fx) + rows[:, i + 1] * fx
 
 
 def _stripes_h(x, y, f, ph, rng):
@@ -80,12 +86,13 @@ PATTERNS: Dict[str, Callable] = {
 def make_image(pattern: str, rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
     """One uint8 [size, size, 3] image of a class pattern with random nuisances."""
     x, y = _grid(size)
-    f = rng.uniform(2.5, 5.0)
+    f = rng.uniform(FREQ[0], FREQ[1])
     m = PATTERNS[pattern](x, y, f, rng.uniform(0, 1), rng).astype(np.float32)
     m = (m - m.min()) / max(1e-6, float(m.max() - m.min()))  # [0, 1]
-    contrast = rng.uniform(0.4, 1.0)
+    contrast = rng.uniform(0.6, 1.0)
     m = 0.5 + contrast * (m - 0.5)
-    fg, bg = _smooth_colour_field(rng, size), _smooth_colour_field(rng, size)
+    fg = _smooth_colour_field(rng, size)
+    bg = 1.0 - fg  # complementary colours: the pattern always stands out, whatever the colours
     img = m[..., None] * fg + (1 - m[..., None]) * bg
     img = img * rng.uniform(0.6, 1.2) + rng.normal(0, 0.03, size=img.shape)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)

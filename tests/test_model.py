@@ -1,0 +1,105 @@
+"""BYOL model: shapes for named and custom backbones, loss vs float64, target isolation."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastbyol.model import BYOL, MLPHead
+
+
+def _loss64(p, z):
+    p, z = p.double(), z.double()
+    return 2 - 2 * (p / p.norm(dim=1, keepdim=True)).mul(z / z.norm(dim=1, keepdim=True)).sum(1)
+
+
+@pytest.mark.parametrize("name,size,dim", [("resnet18", 32, 512), ("resnet50", 32, 2048), ("convnet4", 16, 256)])
+def test_named_backbone_shapes(name, size, dim):
+    model = BYOL(name, cifar_stem=True, projector_hidden=64, predictor_hidden=64, projection_dim=16,
+                 loss_fn=None)
+    assert model.feature_dim == dim
+    x = torch.randn(2, 3, size, size)
+    p, z = model.online(x)
+    assert p.shape == z.shape == (2, 16)
+    assert model.target(x).shape == (2, 16)
+    assert model.online.encoder(x).shape == (2, dim)
+
+
+def test_cifar_stem_is_3x3_stride1_without_maxpool():
+    enc = BYOL("resnet18", cifar_stem=True).online.encoder
+    assert enc.conv1.kernel_size == (3, 3) and enc.conv1.stride == (1, 1) and isinstance(enc.maxpool, nn.Identity)
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.classifier(self.body(x).flatten(1))
+
+
+def test_custom_module_with_detected_and_named_layer():
+    detected = BYOL(TinyNet(), image_size=16, projector_hidden=32, predictor_hidden=32, projection_dim=8)
+    assert detected.feature_dim == 32  # the classifier's input
+    named = BYOL(TinyNet(), hidden_layer="body.1", image_size=16, projector_hidden=32, predictor_hidden=32,
+                 projection_dim=8)
+    assert named.feature_dim == 8 * 14 * 14
+    out = named(torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16))
+    assert out.loss.shape == () and out.z.shape == (3, 8)
+
+
+def test_mlp_head_layout():
+    head = MLPHead(10, 4096, 256)
+    assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert head[0].in_features == 10 and head[3].out_features == 256
+
+
+def test_loss_equals_float64_reference_and_target_gets_no_grad():
+    torch.manual_seed(0)
+    model = BYOL("convnet4", projector_hidden=32, predictor_hidden=32, projection_dim=8)
+    v1, v2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    target_before = [t.clone() for t in model.target.state_dict().values()]
+    out = model(v1, v2)
+    # Recompute with the same BN batch statistics (train mode) but in float64.
+    m64 = BYOL("convnet4", projector_hidden=32, predictor_hidden=32, projection_dim=8).double()
+    m64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    p1, _ = m64.online(v1.double())
+    p2, _ = m64.online(v2.double())
+    with torch.no_grad():
+        t1, t2 = m64.target(v1.double()), m64.target(v2.double())
+    ref = (_loss64(p1, t2) + _loss64(p2, t1)).mean()
+    torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    assert all(p.grad is None for p in model.target.parameters())
+    assert all(not p.requires_grad for p in model.target.parameters())
+    assert all(p.grad is not None for p in model.online.parameters())
+    # Parameters are unchanged by the forward pass (BN running stats are the target's own).
+    for (name, t), before in zip(model.target.state_dict().items(), target_before):
+        if "running" not in name and "num_batches" not in name:
+            assert torch.equal(t, before)
+
+
+def test_target_changes_only_through_the_ema():
+    torch.manual_seed(0)
+    model = BYOL("convnet4", projector_hidden=32, predictor_hidden=32, projection_dim=8)
+    opt = torch.optim.SGD(model.online.parameters(), lr=0.5)
+    before = {k: v.clone() for k, v in model.target.named_parameters()}
+    model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)).loss.backward()
+    opt.step()
+    for k, v in model.target.named_parameters():
+        assert torch.equal(v, before[k])  # the optimizer never touches the target
+    tau = 0.9
+    online = dict(model.online.named_parameters())
+    model.update_target(tau)
+    for k, v in model.target.named_parameters():
+        torch.testing.assert_close(v, tau * before[k] + (1 - tau) * online[k].detach())
+
+
+def test_simsiam_variant_has_no_target_and_stops_gradient():
+    model = BYOL("convnet4", projector_hidden=32, predictor_hidden=32, projection_dim=8, use_momentum=False)
+    assert model.target is None
+    out = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    out.loss.backward()
+    model.update_target(0.99)  # a no-op
+    assert model.online.predictor[0].weight.grad is not None

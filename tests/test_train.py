@@ -1,0 +1,138 @@
+"""End to end through the CLI: training, exact resume, export, and every bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+from fastbyol.checkpoint import load_checkpoint
+from fastbyol.cli import main
+
+from helpers import add_bad_files, make_cifar_dir, make_image_folder
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data") / "imgs", classes=2, per_class=20)
+
+
+def smoke_args(data, out, *extra):
+    return ["train", "--preset", "smoke", "--data", data, "--out", str(out), "--train.kernels", "torch",
+            "--train.knn_every", "0", *extra]
+
+
+def test_train_writes_checkpoint_metrics_and_plot(data_dir, tmp_path, capsys):
+    assert main(smoke_args(data_dir, tmp_path / "run", "--max-steps", "3", "--train.knn_every", "1")) == 0
+    out = capsys.readouterr().out
+    assert "loss" in out and "img/s" in out and "eta" in out and "kNN top-1" in out
+    ckpt = load_checkpoint(str(tmp_path / "run"))
+    assert ckpt["step"] == 3 and set(ckpt) >= {"online", "target", "optimizer", "rng", "config"}
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert any("knn_top1" in r for r in lines) and any("tau" in r for r in lines)
+    assert os.path.getsize(tmp_path / "run" / "curves.png") > 1000
+
+
+def _weights(run):
+    ck = load_checkpoint(str(run))
+    return {**{f"online.{k}": v for k, v in ck["online"].items()}, **{f"target.{k}": v for k, v in ck["target"].items()}}
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    # 36 training images / batch 16 = 2 steps per epoch; 3 epochs = 6 steps; stop at 3 (mid-epoch).
+    common = ["--epochs", "3", "--train.log_every", "1"]
+    assert main(smoke_args(data_dir, tmp_path / "straight", *common)) == 0
+    assert main(smoke_args(data_dir, tmp_path / "split", *common, "--max-steps", "3")) == 0
+    assert load_checkpoint(str(tmp_path / "split"))["step"] == 3
+    assert main(smoke_args(data_dir, tmp_path / "split", *common, "--resume", str(tmp_path / "split"))) == 0
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert load_checkpoint(str(tmp_path / "split"))["step"] == 6
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_export_loads_into_torchvision(tmp_path):
+    import torchvision
+
+    from fastbyol.checkpoint import atomic_save
+    from fastbyol.cli import main as cli
+    from fastbyol.model import BYOL
+
+    model = BYOL("resnet50", projector_hidden=16, predictor_hidden=16, projection_dim=8)
+    atomic_save({"online": model.online.state_dict()}, str(tmp_path / "ck.pt"))
+    assert cli(["export", str(tmp_path / "ck.pt"), str(tmp_path / "enc.pt")]) == 0
+    sd = torch.load(tmp_path / "enc.pt")
+    res = torchvision.models.resnet50().load_state_dict(sd, strict=False)
+    assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and res.unexpected_keys == []
+
+
+def test_cifar_batches_train(tmp_path):
+    root = make_cifar_dir(tmp_path / "cifar", n_per_batch=20, batches=2)
+    assert main(smoke_args(root, tmp_path / "run", "--max-steps", "2")) == 0
+
+
+def _error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda t: str(t / "missing"), "does not exist"),
+    (lambda t: (os.makedirs(t / "empty"), str(t / "empty"))[1], "holds no images"),
+    (lambda t: (os.makedirs(t / "txt" / "a"), open(t / "txt" / "a" / "x.txt", "w").close(), str(t / "txt"))[2],
+     "holds no images"),
+])
+def test_bad_data_folders(tmp_path, capsys, make, msg):
+    code, err = _error(capsys, smoke_args(make(tmp_path), tmp_path / "run"))
+    assert code == 2 and msg in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["train", "--preset", "imagenet-vit"], "invalid choice"),
+    (["train", "--optim.nonsense", "1"], "unrecognized arguments"),
+    (["train", "--preset", "smoke", "--optim.tau_base", "2"], "optim.tau_base"),
+    (["train", "--preset", "smoke", "--train.batch_size", "many"], "train.batch_size"),
+])
+def test_bad_config(capsys, argv, msg):
+    with pytest.raises(SystemExit) as e:
+        code = main(argv)
+        raise SystemExit(code)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and msg in err and len(err.splitlines()) == 1
+
+
+def test_batch_larger_than_dataset(data_dir, tmp_path, capsys):
+    code, err = _error(capsys, smoke_args(data_dir, tmp_path / "run", "--batch-size", "512"))
+    assert code == 2 and "larger than the data set" in err
+
+
+def test_unwritable_out(data_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = _error(capsys, smoke_args(data_dir, blocker / "run"))
+    assert code == 2 and "cannot write to --out" in err
+
+
+def test_corrupt_files_are_skipped_and_reported(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "d", classes=1, per_class=20)
+    add_bad_files(tmp_path / "d" / "class0")
+    assert main(smoke_args(folder, tmp_path / "run", "--max-steps", "2", "--data.val_fraction", "0.05")) == 0
+    recs = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert max(r.get("skipped_files", 0) for r in recs) >= 1
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(smoke_args(data_dir, run, "--max-steps", "2", "--epochs", "3")) == 0
+    before = open(run / "checkpoint.pt", "rb").read()
+    code, err = _error(capsys, smoke_args(data_dir, run, "--epochs", "3", "--resume", str(run),
+                                          "--lr", "1e38", "--train.log_every", "1"))
+    assert code == 2 and "non-finite loss" in err and len(err.splitlines()) == 1
+    assert open(run / "checkpoint.pt", "rb").read() == before
+
+
+def test_resume_with_another_optimizer_is_refused(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(smoke_args(data_dir, run, "--max-steps", "1")) == 0
+    code, err = _error(capsys, smoke_args(data_dir, run, "--resume", str(run), "--optimizer", "sgd"))
+    assert code == 2 and "trained with LARS" in err

@@ -26,9 +26,7 @@ def extract_features(encoder: nn.Module, loader, device: torch.device, aug: Augm
     for images, y, _bad in loader:
         if images is None:
             continue
-        x = normalize(images.to(device).float().div_(255.0), aug)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = normalize(images.to(device).float().div_(255.0), aug).contiguous(memory_format=torch.channels_last)
         feats.append(F.normalize(encoder(x).float(), dim=1))
         labels.append(y.to(device))
     encoder.train(was_training)

@@ -59,7 +59,7 @@ def build_train_loader(cfg: Config, source: ImageSource, device: torch.device, m
     """The training loader named by ``cfg.data.loader`` (``auto|torch|dali``)."""
     kind = choose_loader(cfg.data.loader, device)
     kwargs = dict(seed=cfg.train.seed, rank=rank, world_size=world_size, workers=cfg.data.workers,
-                  channels_last=device.type == "cuda")
+                  channels_last=True)
     if kind == "dali":
         from .dali import DaliTwoViewLoader
 

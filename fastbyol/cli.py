@@ -12,7 +12,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import PRESETS, Config, apply_overrides, iter_fields, preset
+from .config import PRESETS, Config, apply_overrides, field_docs, iter_fields, preset
 from .errors import FastByolError
 
 # Short spellings for the fields people set most.
@@ -33,12 +33,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"fastbyol: error: {message} (see 'fastbyol {self.prog.split()[-1]} --help')\n")
 
 
-def _type_name(typ) -> str:
-    return getattr(typ, "__name__", str(typ).replace("typing.", ""))
+def _metavar(typ) -> str:
+    """INT, FLOAT, STR, BOOL, or A,B for tuples; Optional[X] as X."""
+    from typing import get_args, get_origin
+
+    args = [a for a in get_args(typ) if a is not type(None)]
+    if get_origin(typ) is tuple:
+        return ",".join(_metavar(a) for a in args)
+    if args:
+        return _metavar(args[0])
+    return getattr(typ, "__name__", str(typ)).upper()
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     reference = preset("imagenet-resnet50")
+    docs = field_docs()
     inverse = {v: k for k, v in ALIASES.items()}
     groups = {}
     for name, typ, default in iter_fields(reference):
@@ -48,14 +57,15 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         if section not in groups:
             groups[section] = p.add_argument_group(f"{section} config")
         flags = [f"--{name}"] + ([inverse[name]] if name in inverse else [])
-        groups[section].add_argument(*flags, dest=name, metavar=_type_name(typ).upper(), default=argparse.SUPPRESS,
-                                     help=f"(imagenet-resnet50: {default})")
+        groups[section].add_argument(*flags, dest=name, metavar=_metavar(typ), default=argparse.SUPPRESS,
+                                     help=f"{docs.get(name, '')} (imagenet-resnet50: {default})".lstrip().replace('%', '%%'))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="fastbyol", description="Fast, paper-exact BYOL pretraining.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     tr = sub.add_parser("train", help="pretrain an encoder with BYOL",
+                        usage="fastbyol train [--preset NAME] [--data DIR] [--val-data DIR] [--section.field VALUE ...]",
                         description="Pretrain with BYOL. Without --data, trains on the embedded synthetic "
                                     "texture set (written once to ~/.cache/fastbyol). Every config field can be "
                                     "set as --section.field VALUE.",

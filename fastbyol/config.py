@@ -263,6 +263,23 @@ def set_field(cfg: Config, dotted: str, value: Any) -> None:
     setattr(obj, parts[-1], value)
 
 
+def field_docs() -> dict:
+    """``{"optim.base_lr": "lr = base_lr * global_batch / 256", ...}``: the trailing comment of
+    each field's line in this file, so the CLI help and the source never disagree."""
+    import inspect
+    import re
+
+    sections = {"model": ModelConfig, "augment": AugmentConfig, "data": DataConfig, "optim": OptimConfig,
+                "train": TrainConfig, "dist": DistConfig, "augment.view1": ViewConfig, "augment.view2": ViewConfig}
+    docs = {}
+    for prefix, cls in sections.items():
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+            if m:
+                docs[f"{prefix}.{m.group(1)}"] = m.group(2).strip()
+    return docs
+
+
 def field_types(cfg: Config) -> dict:
     return {name: typ for name, typ, _ in iter_fields(cfg)}
 

@@ -136,3 +136,11 @@ def test_resume_with_another_optimizer_is_refused(data_dir, tmp_path, capsys):
     assert main(smoke_args(data_dir, run, "--max-steps", "1")) == 0
     code, err = _error(capsys, smoke_args(data_dir, run, "--resume", str(run), "--optimizer", "sgd"))
     assert code == 2 and "trained with LARS" in err
+
+
+def test_help_documents_every_field(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "--optim.base_lr" in out and "global_batch / 256" in out and "--augment.view2.solarize_p" in out

@@ -27,7 +27,9 @@ def ema_update_reference_(targets: Sequence[torch.Tensor], onlines: Sequence[tor
     for (tdt, odt), idx in _dtype_groups(targets, onlines).items():
         ts = [targets[i] for i in idx]
         os_ = [onlines[i] if odt == tdt else onlines[i].to(tdt) for i in idx]
-        if tdt == torch.float32 or tdt == torch.float64:
+        if tdt in (torch.float32, torch.float64) and not isinstance(momentum, torch.Tensor):
+            torch._foreach_lerp_(ts, os_, 1.0 - momentum)  # one pass (timm's ModelEmaV3)
+        elif tdt in (torch.float32, torch.float64):  # tensor momentum: stays on device
             torch._foreach_mul_(ts, momentum)
             torch._foreach_add_(ts, torch._foreach_mul(os_, 1 - momentum))
         else:  # low-precision targets: compute in fp32, round once

@@ -1,0 +1,93 @@
+"""Target-network EMA: fused multi-tensor kernel vs the ways peers do it, vs the byte floor.
+
+GPU: ResNet-50 + BYOL projector (~33 M parameters in ~165 tensors), fp32.
+  (a) per-parameter loop   — byol-pytorch / solo-learn: ``t.mul_(m).add_(o, alpha=1-m)`` per tensor
+  (b) two-pass foreach     — lightly: ``_foreach_mul_`` then ``_foreach_add_``
+  (c) ``_foreach_lerp_``   — timm's ModelEmaV3
+  (d) fastbyol             — ``fastbyol_kernels.ema_update_`` (one launch)
+  floor                    — 12 bytes/parameter ÷ device copy bandwidth measured in this run
+CPU (``--cpu`` or no CUDA): a small MLP, so CI can smoke-test the script; the Triton row runs
+only under TRITON_INTERPRET=1 (and then measures the interpreter, not a kernel).
+
+    python benchmarks/bench_ema.py [--cpu] [--repeats N] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import copy_bandwidth, markdown_table, pick_device, stamp, time_fn, triton_runs_here, write_json  # noqa: E402
+
+
+def resnet50_byol_target(device):
+    import torchvision
+
+    enc = torchvision.models.resnet50()
+    enc.fc = nn.Identity()
+    proj = nn.Sequential(nn.Linear(2048, 4096), nn.BatchNorm1d(4096), nn.ReLU(), nn.Linear(4096, 256))
+    return nn.ModuleList([enc, proj]).to(device)
+
+
+def small_mlp(device):
+    return nn.Sequential(nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 32)).to(device)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true", help="tiny CPU smoke mode")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = ap.parse_args(argv)
+    device = pick_device(args.cpu)
+    gpu = device.type == "cuda"
+    repeats = args.repeats or (100 if gpu else 5)
+    from fastbyol_kernels import ema_update_
+
+    online = resnet50_byol_target(device) if gpu else small_mlp(device)
+    target = resnet50_byol_target(device) if gpu else small_mlp(device)
+    ts, os_ = [p.data for p in target.parameters()], [p.data for p in online.parameters()]
+    n_params = sum(t.numel() for t in ts)
+    m = 0.996
+
+    def loop():
+        for t, o in zip(ts, os_):
+            t.mul_(m).add_(o, alpha=1 - m)
+
+    def two_pass():
+        torch._foreach_mul_(ts, m)
+        torch._foreach_add_(ts, os_, alpha=1 - m)
+
+    def lerp():
+        torch._foreach_lerp_(ts, os_, 1 - m)
+
+    modes = {"per-parameter loop (byol-pytorch, solo-learn)": loop, "foreach mul+add (lightly)": two_pass,
+             "foreach lerp (timm ModelEmaV3)": lerp}
+    if triton_runs_here(device):
+        modes["fastbyol ema_update_ (Triton)"] = lambda: ema_update_(ts, os_, m, backend="triton")
+    bw = copy_bandwidth(device, nbytes=(1 << 30) if gpu else (1 << 24))
+    floor = 12 * n_params / bw
+    rows = []
+    for name, fn in modes.items():
+        t = time_fn(fn, device, repeats=repeats, warmup=3)["median_s"]
+        rows.append({"method": name, "time_us": t * 1e6, "GB/s": 12 * n_params / t / 1e9, "x_floor": t / floor})
+    ours = next((r for r in rows if r["method"].startswith("fastbyol")), None)
+    for r in rows:
+        r["ours_speedup"] = r["time_us"] / ours["time_us"] if ours else None
+    rows.append({"method": "floor: 12 B/param / copy bandwidth", "time_us": floor * 1e6, "GB/s": bw / 1e9, "x_floor": 1.0})
+    result = {"benchmark": "ema", **stamp(device), "params": n_params, "tensors": len(ts), "momentum": m,
+              "copy_bandwidth_GBps": bw / 1e9, "rows": rows,
+              "note": None if gpu else "CPU smoke mode: tiny model; Triton row (if any) is the interpreter"}
+    print(f"EMA over {len(ts)} tensors, {n_params:,} parameters on {result['device']}")
+    print(markdown_table(rows, ["method", "time_us", "GB/s", "x_floor", "ours_speedup"]))
+    path = write_json(result, f"ema_{'gpu' if gpu else 'cpu'}.json", args.out)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

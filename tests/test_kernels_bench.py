@@ -1,0 +1,28 @@
+"""The kernel benchmarks run (CPU smoke mode) and record real timings."""
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import bench_ema  # noqa: E402
+import bench_loss  # noqa: E402
+
+
+def _check(result, path):
+    data = json.load(open(path))
+    assert data["device"] and data["torch"] and data["date"]
+    for row in result["rows"]:
+        assert row["time_us"] > 0 and math.isfinite(row["time_us"])
+
+
+def test_bench_ema_smoke(tmp_path):
+    r = bench_ema.main(["--cpu", "--repeats", "3", "--out", str(tmp_path)])
+    _check(r, tmp_path / "ema_cpu.json")
+    assert any(row["method"].startswith("fastbyol") for row in r["rows"])  # TRITON_INTERPRET=1 in tests
+
+
+def test_bench_loss_smoke(tmp_path):
+    r = bench_loss.main(["--cpu", "--repeats", "2", "--out", str(tmp_path)])
+    _check(r, tmp_path / "loss_cpu.json")

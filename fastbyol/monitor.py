@@ -36,9 +36,9 @@ class Monitor:
     """
 
     def __init__(self, out_dir: str, total_steps: int, batch_size: int, projection_dim: int,
-                 enabled: bool = True, stream=None):
+                 enabled: bool = True, stream=None, knn_label: str = "weighted kNN"):
         self.out_dir, self.total_steps, self.batch_size = out_dir, total_steps, batch_size
-        self.enabled = enabled
+        self.enabled, self.knn_label = enabled, knn_label
         self.stream = stream or sys.stdout
         self.healthy_std = 1.0 / math.sqrt(projection_dim)
         self.history: List[Dict] = []
@@ -98,10 +98,10 @@ class Monitor:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
-        return plot_curves(self.history, os.path.join(self.out_dir, "curves.png"))
+        return plot_curves(self.history, os.path.join(self.out_dir, "curves.png"), self.knn_label)
 
 
-def plot_curves(history: List[Dict], path: str) -> Optional[str]:
+def plot_curves(history: List[Dict], path: str, knn_label: str = "weighted kNN") -> Optional[str]:
     """Loss (and kNN top-1, when measured) against step."""
     try:
         import matplotlib
@@ -118,7 +118,7 @@ def plot_curves(history: List[Dict], path: str) -> Optional[str]:
     axes[0][0].set(xlabel="step", ylabel="BYOL loss", title="training loss")
     if knn:
         axes[0][1].plot([s for s, _ in knn], [a for _, a in knn], marker="o")
-        axes[0][1].set(xlabel="step", ylabel="top-1 (%)", title="weighted kNN (k=200, T=0.1)")
+        axes[0][1].set(xlabel="step", ylabel="top-1 (%)", title=knn_label)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -125,7 +125,7 @@ class Trainer:
         self.step = 0
         self.knn_random: Optional[float] = None
         self.monitor = Monitor(t.out, self.total_steps, t.batch_size, cfg.model.projection_dim,
-                               enabled=self.dist.is_main)
+                               enabled=self.dist.is_main, knn_label=f"weighted kNN (k={t.knn_k}, T={t.knn_t})")
         self.ckpt_path = os.path.join(t.out, CHECKPOINT_NAME)
         if t.resume:
             self._resume(t.resume)

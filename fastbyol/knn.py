@@ -14,6 +14,7 @@ from torch import nn
 
 from .augment import normalize
 from .config import AugmentConfig
+from .errors import FastByolError
 
 
 @torch.no_grad()
@@ -30,6 +31,8 @@ def extract_features(encoder: nn.Module, loader, device: torch.device, aug: Augm
         feats.append(F.normalize(encoder(x).float(), dim=1))
         labels.append(y.to(device))
     encoder.train(was_training)
+    if not feats:
+        raise FastByolError("the kNN image set holds no readable image")
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -193,6 +193,7 @@ class Trainer:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
             self.loader.set_epoch(epoch, in_epoch * accum)
             micro = in_epoch * accum
+            step_before = self.step
             for batch in self.loader:
                 with self.engine.autocast():
                     out = self.model(batch.view1, batch.view2, online=self.engine.module)
@@ -219,6 +220,9 @@ class Trainer:
                     loss_n = 0
                 if self.step >= self.stop_step or micro >= self.steps_per_epoch * accum:
                     break
+            if self.step == step_before:
+                raise FastByolError(f"epoch {epoch + 1} produced no trainable batch "
+                                    f"({self.loader.skipped} unreadable images so far)")
             epoch_done = self.step % self.steps_per_epoch == 0
             finished = self.step >= self.stop_step
             done_epochs = self.step // self.steps_per_epoch

@@ -144,3 +144,12 @@ def test_help_documents_every_field(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0
     assert "--optim.base_lr" in out and "global_batch / 256" in out and "--augment.view2.solarize_p" in out
+
+
+def test_all_images_unreadable(tmp_path, capsys):
+    d = tmp_path / "bad" / "c"
+    os.makedirs(d)
+    for i in range(20):
+        (d / f"{i}.jpg").write_bytes(b"not a jpeg")
+    code, err = _error(capsys, smoke_args(str(tmp_path / "bad"), tmp_path / "run"))
+    assert code == 2 and "no trainable batch" in err

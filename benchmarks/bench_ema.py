@@ -8,6 +8,9 @@ GPU: ResNet-50 + BYOL projector (~33 M parameters in ~165 tensors), fp32.
   floor                    — 12 bytes/parameter ÷ device copy bandwidth measured in this run
 CPU (``--cpu`` or no CUDA): a small MLP, so CI can smoke-test the script; the Triton row runs
 only under TRITON_INTERPRET=1 (and then measures the interpreter, not a kernel).
+Columns: median time per update, effective GB/s (12 B/param ÷ time), x_floor (time ÷ floor),
+ours_speedup (the row's time ÷ fastbyol's: above 1, fastbyol is faster), max_abs_diff (one
+update from the same state, against fastbyol's).
 
     python benchmarks/bench_ema.py [--cpu] [--repeats N] [--out DIR]
 """
@@ -25,6 +28,7 @@ from _common import copy_bandwidth, markdown_table, pick_device, stamp, time_fn,
 
 
 def resnet50_byol_target(device):
+    """ResNet-50 encoder (fc removed) + BYOL projector 2048→4096→BN→ReLU→256: ~33 M params."""
     import torchvision
 
     enc = torchvision.models.resnet50()
@@ -34,6 +38,7 @@ def resnet50_byol_target(device):
 
 
 def small_mlp(device):
+    """A few-tensor stand-in for CPU smoke runs."""
     return nn.Sequential(nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 32)).to(device)
 
 
@@ -48,42 +53,65 @@ def main(argv=None):
     repeats = args.repeats or (100 if gpu else 5)
     from fastbyol_kernels import ema_update_
 
+    torch.manual_seed(0)
     online = resnet50_byol_target(device) if gpu else small_mlp(device)
     target = resnet50_byol_target(device) if gpu else small_mlp(device)
     ts, os_ = [p.data for p in target.parameters()], [p.data for p in online.parameters()]
     n_params = sum(t.numel() for t in ts)
     m = 0.996
 
-    def loop():
+    def loop(ts):
         for t, o in zip(ts, os_):
             t.mul_(m).add_(o, alpha=1 - m)
 
-    def two_pass():
+    def two_pass(ts):
         torch._foreach_mul_(ts, m)
         torch._foreach_add_(ts, os_, alpha=1 - m)
 
-    def lerp():
+    def lerp(ts):
         torch._foreach_lerp_(ts, os_, 1 - m)
 
-    modes = {"per-parameter loop (byol-pytorch, solo-learn)": loop, "foreach mul+add (lightly)": two_pass,
-             "foreach lerp (timm ModelEmaV3)": lerp}
+    modes = {"(a) per-parameter loop (byol-pytorch, solo-learn)": loop, "(b) foreach mul+add (lightly)": two_pass,
+             "(c) foreach lerp (timm ModelEmaV3)": lerp}
+    notes = [] if gpu else ["CPU smoke mode: tiny model; timings show overheads, not GPU behaviour"]
     if triton_runs_here(device):
-        modes["fastbyol ema_update_ (Triton)"] = lambda: ema_update_(ts, os_, m, backend="triton")
+        modes["(d) fastbyol ema_update_ (Triton)"] = lambda ts: ema_update_(ts, os_, m, backend="triton")
+        if not gpu:
+            notes.append("the Triton row runs under TRITON_INTERPRET=1: it times the interpreter, not a kernel")
+    else:
+        notes.append("Triton row skipped: no CUDA device and TRITON_INTERPRET is not 1")
+    ours_name = next((n for n in modes if "fastbyol" in n), None)
+
+    # Equal maths: one update of each from the same target, compared with ours (or lerp).
+    first = {}
+    for name, fn in modes.items():
+        copies = [t.clone() for t in ts]
+        fn(copies)
+        first[name] = copies
+    check = first[ours_name or "(c) foreach lerp (timm ModelEmaV3)"]
+
     bw = copy_bandwidth(device, nbytes=(1 << 30) if gpu else (1 << 24))
     floor = 12 * n_params / bw
     rows = []
     for name, fn in modes.items():
-        t = time_fn(fn, device, repeats=repeats, warmup=3)["median_s"]
-        rows.append({"method": name, "time_us": t * 1e6, "GB/s": 12 * n_params / t / 1e9, "x_floor": t / floor})
-    ours = next((r for r in rows if r["method"].startswith("fastbyol")), None)
+        t = time_fn(lambda: fn(ts), device, repeats=repeats, warmup=3)["median_s"]
+        diff = max((a - b).abs().max().item() for a, b in zip(first[name], check))
+        rows.append({"method": name, "time_us": t * 1e6, "GB/s": 12 * n_params / t / 1e9, "x_floor": t / floor,
+                     "max_abs_diff": diff})
+    ours = next((r for r in rows if r["method"] == ours_name), None)
     for r in rows:
         r["ours_speedup"] = r["time_us"] / ours["time_us"] if ours else None
-    rows.append({"method": "floor: 12 B/param / copy bandwidth", "time_us": floor * 1e6, "GB/s": bw / 1e9, "x_floor": 1.0})
+    rows.append({"method": "floor: 12 B/param / copy bandwidth", "time_us": floor * 1e6, "GB/s": bw / 1e9,
+                 "x_floor": 1.0})
     result = {"benchmark": "ema", **stamp(device), "params": n_params, "tensors": len(ts), "momentum": m,
-              "copy_bandwidth_GBps": bw / 1e9, "rows": rows,
-              "note": None if gpu else "CPU smoke mode: tiny model; Triton row (if any) is the interpreter"}
-    print(f"EMA over {len(ts)} tensors, {n_params:,} parameters on {result['device']}")
-    print(markdown_table(rows, ["method", "time_us", "GB/s", "x_floor", "ours_speedup"]))
+              "dtype": "float32", "repeats": repeats, "copy_bandwidth_GBps": bw / 1e9, "rows": rows,
+              "model": "ResNet-50 + BYOL projector" if gpu else "MLP 64-128-32 with BatchNorm (smoke)",
+              "note": "; ".join(notes) or None}
+    print(f"EMA over {len(ts)} tensors, {n_params:,} parameters ({result['model']}) on {result['device']}, "
+          f"median of {repeats}")
+    print(markdown_table(rows, ["method", "time_us", "GB/s", "x_floor", "ours_speedup", "max_abs_diff"]))
+    for note in notes:
+        print(f"note: {note}")
     path = write_json(result, f"ema_{'gpu' if gpu else 'cpu'}.json", args.out)
     print(f"wrote {path}")
     return result

@@ -1,13 +1,21 @@
 """BYOL loss forward+backward: fused Triton kernels vs eager PyTorch vs the byte floor.
 
-GPU: B = 4096, D = 256 (both pairs of the symmetric loss), fp32 and bf16 inputs.
+GPU: B = 4096, D = 256 (both pairs of the symmetric loss), fp32 and bf16 inputs, gradients
+for the predictions p1, p2 (the targets z1, z2 are detached, as in BYOL).
   eager    — ``F.normalize`` on each side, ``2 − 2·sum``, mean, autograd backward
   fastbyol — ``fastbyol_kernels.byol_loss`` (one forward and one backward launch)
-  floor    — bytes read and written by an ideal fwd+bwd (read p1,p2,z1,z2 twice, write
-             grad p1, p2) ÷ device copy bandwidth measured in this run
-CPU (``--cpu`` or no CUDA): B = 64, D = 32 smoke mode; Triton only under TRITON_INTERPRET=1.
+  floor    — bytes an ideal fwd+bwd moves (read p1, p2, z1, z2 in each pass, write the
+             gradients of p1, p2: 10·B·D elements) ÷ device copy bandwidth measured in this run
+Each is timed two ways: ``launched`` (called from Python each step: host overheads included
+where the host falls behind the GPU) and ``graph`` (the same step captured in a CUDA graph and
+replayed: GPU time only). The L2 cache is flushed before every call, since at this size the
+inputs (16 MB in fp32) would otherwise stay in the H100's 50 MB L2 and beat the memory floor.
+CPU (``--cpu`` or no CUDA): B = 64, D = 32 smoke mode, launched only; Triton only under
+TRITON_INTERPRET=1 (the interpreter, not a kernel).
+Columns: median time, x_floor (time ÷ floor), ours_speedup (the row's time ÷ fastbyol's in the
+same mode), max_abs_diff (loss and gradients against fastbyol's).
 
-    python benchmarks/bench_loss.py [--cpu] [--batch B] [--dim D] [--out DIR]
+    python benchmarks/bench_loss.py [--cpu] [--batch B] [--dim D] [--repeats N] [--out DIR]
 """
 from __future__ import annotations
 
@@ -19,10 +27,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import copy_bandwidth, markdown_table, pick_device, stamp, time_fn, triton_runs_here, write_json  # noqa: E402
+from _common import (copy_bandwidth, cuda_graph, markdown_table, pick_device, stamp, time_fn,  # noqa: E402
+                     triton_runs_here, write_json)
 
 
 def eager_loss(p1, p2, z1, z2):
+    """The loss as written in plain PyTorch (byol-pytorch, lightly, solo-learn)."""
     def rows(p, z):
         return 2 - 2 * (F.normalize(p, dim=-1) * F.normalize(z, dim=-1)).sum(-1)
 
@@ -31,18 +41,28 @@ def eager_loss(p1, p2, z1, z2):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="tiny CPU smoke mode")
     ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--dim", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
     device = pick_device(args.cpu)
     gpu = device.type == "cuda"
     B = args.batch or (4096 if gpu else 64)
-    D = args.dim if gpu else min(args.dim, 32)
+    D = args.dim or (256 if gpu else 32)
     repeats = args.repeats or (200 if gpu else 5)
     from fastbyol_kernels import byol_loss
+
+    notes = [] if gpu else ["CPU smoke mode: timings show overheads, not GPU behaviour"]
+    ours_name = "fastbyol byol_loss (Triton)"
+    methods = {"eager PyTorch (F.normalize)": eager_loss}
+    if triton_runs_here(device):
+        methods[ours_name] = lambda *a: byol_loss(*a, backend="triton")
+        if not gpu:
+            notes.append("the Triton row runs under TRITON_INTERPRET=1: it times the interpreter, not a kernel")
+    else:
+        notes.append("Triton row skipped: no CUDA device and TRITON_INTERPRET is not 1")
 
     bw = copy_bandwidth(device, nbytes=(1 << 30) if gpu else (1 << 24))
     rows = []
@@ -50,33 +70,45 @@ def main(argv=None):
         g = torch.Generator(device=device).manual_seed(0)
         p1, p2 = [torch.randn(B, D, device=device, dtype=dtype, generator=g).requires_grad_() for _ in range(2)]
         z1, z2 = [torch.randn(B, D, device=device, dtype=dtype, generator=g) for _ in range(2)]
-        esize = p1.element_size()
-        floor = (8 * B * D * esize + 2 * B * D * esize) / bw  # fwd reads 4, bwd reads 4 and writes 2
+        floor = 10 * B * D * p1.element_size() / bw
+        dname = str(dtype).replace("torch.", "")
 
-        def run(fn):
-            def step():
+        def step(fn):
+            def run():
                 p1.grad = p2.grad = None
-                fn(p1, p2, z1, z2).backward()
-            return step
+                loss = fn(p1, p2, z1, z2)
+                loss.backward()
+                return loss
+            return run
 
-        modes = {"eager PyTorch (F.normalize)": run(eager_loss)}
-        if triton_runs_here(device):
-            modes["fastbyol byol_loss (Triton)"] = run(lambda *a: byol_loss(*a, backend="triton"))
-        dt_rows = []
-        for name, fn in modes.items():
-            t = time_fn(fn, device, repeats=repeats, warmup=5)["median_s"]
-            dt_rows.append({"dtype": str(dtype).replace("torch.", ""), "method": name, "time_us": t * 1e6,
-                            "x_floor": t / floor})
-        ours = next((r for r in dt_rows if r["method"].startswith("fastbyol")), None)
-        for r in dt_rows:
-            r["ours_speedup"] = r["time_us"] / ours["time_us"] if ours else None
-        dt_rows.append({"dtype": str(dtype).replace("torch.", ""), "method": "byte floor", "time_us": floor * 1e6,
-                        "x_floor": 1.0})
-        rows += dt_rows
-    result = {"benchmark": "loss", **stamp(device), "B": B, "D": D, "copy_bandwidth_GBps": bw / 1e9, "rows": rows,
-              "note": None if gpu else "CPU smoke mode; Triton row (if any) is the interpreter"}
-    print(f"BYOL loss fwd+bwd, B={B}, D={D} on {result['device']}")
-    print(markdown_table(rows, ["dtype", "method", "time_us", "x_floor", "ours_speedup"]))
+        # Equal maths: loss and gradients of one step of each, against ours (or eager).
+        outs = {}
+        for name, fn in methods.items():
+            loss = step(fn)()
+            outs[name] = [x.detach().float().clone() for x in (loss, p1.grad, p2.grad)]
+        ref = outs.get(ours_name, outs["eager PyTorch (F.normalize)"])
+
+        modes = [("launched", lambda run: run)] + ([("graph", lambda run: cuda_graph(run, device))] if gpu else [])
+        for mode, wrap in modes:
+            mode_rows = []
+            for name, fn in methods.items():
+                t = time_fn(wrap(step(fn)), device, repeats=repeats, warmup=5, flush_l2=gpu)["median_s"]
+                diff = max((a - b).abs().max().item() for a, b in zip(outs[name], ref))
+                mode_rows.append({"dtype": dname, "mode": mode, "method": name, "time_us": t * 1e6,
+                                  "x_floor": t / floor, "max_abs_diff": diff})
+            ours = next((r for r in mode_rows if r["method"] == ours_name), None)
+            for r in mode_rows:
+                r["ours_speedup"] = r["time_us"] / ours["time_us"] if ours else None
+            rows += mode_rows
+        rows.append({"dtype": dname, "mode": "", "method": "byte floor: 10·B·D elements / copy bandwidth",
+                     "time_us": floor * 1e6, "x_floor": 1.0})
+    result = {"benchmark": "loss", **stamp(device), "B": B, "D": D, "repeats": repeats,
+              "grads_for": ["p1", "p2"], "copy_bandwidth_GBps": bw / 1e9, "rows": rows,
+              "note": "; ".join(notes) or None}
+    print(f"BYOL loss fwd+bwd, B={B}, D={D} on {result['device']}, median of {repeats}")
+    print(markdown_table(rows, ["dtype", "mode", "method", "time_us", "x_floor", "ours_speedup", "max_abs_diff"]))
+    for note in notes:
+        print(f"note: {note}")
     path = write_json(result, f"loss_{'gpu' if gpu else 'cpu'}.json", args.out)
     print(f"wrote {path}")
     return result

@@ -1,11 +1,27 @@
 """fastbyol_kernels: fused Triton kernels for BYOL and other momentum methods.
 
-Needs only torch (and triton for the fused path). Each kernel has a plain PyTorch reference
-beside it, which is also the fallback: ``backend="auto"`` runs Triton on CUDA tensors (or on
-CPU tensors under ``TRITON_INTERPRET=1``) and the reference otherwise.
+Needs only torch, plus triton for the fused path (imported when a kernel first runs, so the
+package and its references work without it). Each kernel has a plain PyTorch reference
+beside it, which is also the fallback. Every entry point takes ``backend=``:
 
-- :func:`byol_loss`, :func:`normalized_l2_loss`: the normalised-L2 loss, fused fwd + bwd.
-- :func:`ema_update_`, :class:`ModuleEMA`: one-pass multi-tensor EMA of a target network.
+- ``"auto"`` (default): Triton on CUDA tensors (or on CPU tensors under
+  ``TRITON_INTERPRET=1``) when triton is installed, the reference otherwise;
+- ``"triton"``: the kernel, or a one-line RuntimeError saying why it cannot run here;
+- ``"torch"``: the reference.
+
+Contents:
+
+- :func:`byol_loss` (symmetric, scalar) and :func:`normalized_l2_loss` (per row): BYOL's
+  ``2 − 2·cos`` loss, one fused launch forward and one backward.
+- :func:`ema_update_` and :class:`ModuleEMA`: ``target ← m·target + (1 − m)·online`` over
+  whole parameter lists in one pass, momentum as a float or a device tensor.
+
+Examples:
+    >>> import torch, fastbyol_kernels as fk
+    >>> p1, p2 = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32, requires_grad=True)
+    >>> fk.byol_loss(p1, p2, torch.randn(8, 32), torch.randn(8, 32)).backward()
+    >>> online, target = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    >>> fk.ModuleEMA(online, target).update(0.99)
 """
 from .ema import ema_update_, ema_update_reference_
 from .loss import byol_loss, byol_loss_reference, normalized_l2_loss, normalized_l2_loss_reference

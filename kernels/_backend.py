@@ -1,4 +1,8 @@
-"""Choosing between a Triton kernel and its PyTorch reference."""
+"""Choosing between a Triton kernel and its PyTorch reference.
+
+Triton is imported lazily (only here, and by the ``_triton_*`` modules when a kernel runs),
+so the package and its references work where triton is not installed.
+"""
 from __future__ import annotations
 
 import os
@@ -7,13 +11,18 @@ from typing import Iterable
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+_triton_found = False  # cached once found; a failed import is retried (cheap, and rare)
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
+    """Whether ``import triton`` works."""
+    global _triton_found
+    if not _triton_found:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        _triton_found = True
     return True
 
 
@@ -25,8 +34,19 @@ def interpreting() -> bool:
 def use_triton(backend: str, tensors: Iterable[torch.Tensor]) -> bool:
     """Whether to run the Triton kernel for these tensors.
 
-    ``auto``: Triton on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), the
-    reference otherwise. ``triton``: the kernel or a clear error. ``torch``: the reference.
+    Args:
+        backend: ``auto``: Triton on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)
+            when triton is installed, the reference otherwise. ``triton``: the kernel, or an
+            error saying why it cannot run. ``torch``: the reference.
+        tensors: the inputs whose devices decide.
+
+    Raises:
+        ValueError: an unknown backend name.
+        RuntimeError: ``backend="triton"`` without triton, or on tensors it cannot run on.
+
+    Examples:
+        >>> use_triton("torch", [torch.zeros(1)])
+        False
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -36,7 +56,7 @@ def use_triton(backend: str, tensors: Iterable[torch.Tensor]) -> bool:
     runnable = devices == {"cuda"} or (devices == {"cpu"} and interpreting())
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+            raise RuntimeError("backend='triton' needs the triton package, which is not importable here")
         if not runnable:
             raise RuntimeError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
                                f"got tensors on {sorted(devices)}")

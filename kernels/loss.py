@@ -1,11 +1,15 @@
 """The BYOL loss, ``2 − 2·cos(p, z)`` per row, fused: one launch forward, one backward.
 
-The forward kernel reads each row of p and z once (in chunks of the feature dimension),
-accumulates ``p·z``, ``‖p‖²`` and ``‖z‖²`` in fp32, and writes the per-row loss plus those
-three sums; the backward kernel reads the rows again and writes the gradients from the
-saved sums, so nothing of size ``[B, D]`` is stored between the passes. Normalisation
-follows ``F.normalize``: ``x / max(‖x‖, eps)`` with eps = 1e-12, and a row whose norm is
-below eps gets the gradient of that clamped expression.
+BYOL (Grill et al., 2020, eq. 2) regresses the online prediction onto the target
+projection after L2 normalisation: ``‖p̄ − z̄‖² = 2 − 2·⟨p, z⟩/(‖p‖·‖z‖)``, symmetrised over
+the two views. The forward kernel reads each row of every input once (in slabs of the
+feature dimension), accumulates ``p·z``, ``‖p‖²`` and ``‖z‖²`` in fp32 for both pairs, and
+writes the loss plus those six sums per row; the backward kernel re-reads the inputs and
+writes the gradients from the saved sums. So the saved state is ``[B, 6]`` fp32 instead of
+the normalised ``[B, D]`` copies eager autograd keeps, and the traffic is the floor: inputs
+read once per pass, gradients written once. Normalisation follows ``F.normalize``:
+``x / max(‖x‖, eps)`` with eps = 1e-12, and a row whose norm is below eps gets the gradient
+of that clamped expression (a zero row: loss 2, finite gradients).
 """
 from __future__ import annotations
 
@@ -20,29 +24,36 @@ EPS = 1e-12
 # ----------------------------------------------------------------------------- reference
 
 def normalized_l2_loss_reference(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``2 − 2·cos(p, z)`` per row in fp32 (plain PyTorch; the CPU fallback)."""
+    """``2 − 2·cos(p, z)`` per row, computed in fp32 with F.normalize (the fallback).
+
+    Examples:
+        >>> normalized_l2_loss_reference(torch.ones(2, 3), -torch.ones(2, 3))
+        tensor([4., 4.])
+    """
     return 2 - 2 * (F.normalize(p.float(), dim=-1, eps=EPS) * F.normalize(z.float(), dim=-1, eps=EPS)).sum(-1)
 
 
 def byol_loss_reference(p1, p2, z1, z2) -> torch.Tensor:
+    """``mean_i[ℓ(p1_i, z2_i) + ℓ(p2_i, z1_i)]`` with the reference row loss (the fallback).
+
+    Examples:
+        >>> x = torch.randn(4, 8)
+        >>> byol_loss_reference(x, x, x, x).abs().item() < 1e-6
+        True
+    """
     return (normalized_l2_loss_reference(p1, z2) + normalized_l2_loss_reference(p2, z1)).mean()
 
 
 # ----------------------------------------------------------------------------- Triton
 
-def _get_kernels():
-    from ._triton_loss import loss_bwd, loss_fwd  # triton is imported only here
-
-    return loss_fwd, loss_bwd
-
-
 def _blocks(B: int, D: int):
-    """Tile sizes by heuristic (autotuning with several configs fails under the interpreter):
-    a power-of-two slab of the feature dimension, and enough rows for ~4K elements a tile."""
+    """Tile sizes by heuristic (``@triton.autotune`` with several configs fails under the
+    interpreter): a power-of-two slab of the feature dimension (at most 1024, looped over for
+    larger D) and enough rows for ~2K elements a tile, which keeps 16 fp32 values per thread
+    and input at 4 warps and gives B = 4096, D = 256 512 programs to spread over the SMs."""
     block_d = min(1024, max(16, 1 << (D - 1).bit_length()))
-    block_b = max(1, min(64, 4096 // block_d))
-    block_b = min(block_b, max(1, 1 << (B - 1).bit_length()))
-    return block_b, block_d, (4 if block_b * block_d <= 4096 else 8)
+    block_b = max(1, min(64, 2048 // block_d, 1 << (B - 1).bit_length()))
+    return block_b, block_d, (4 if block_b * block_d <= 2048 else 8)
 
 
 def _check(*ts: torch.Tensor) -> None:
@@ -52,50 +63,78 @@ def _check(*ts: torch.Tensor) -> None:
             raise ValueError(f"BYOL loss inputs must all be [B, D] of one shape; got {[tuple(x.shape) for x in ts]}")
         if not t.is_floating_point():
             raise ValueError(f"BYOL loss inputs must be floating point, got {t.dtype}")
-    if shape[0] < 1 or shape[1] < 1 or shape[1] > 8192:
-        raise ValueError(f"BYOL loss supports B >= 1 and 1 <= D <= 8192, got {tuple(shape)}")
+    if shape[0] < 1 or shape[1] < 1:
+        raise ValueError(f"BYOL loss needs B >= 1 and D >= 1, got {tuple(shape)}")
+
+
+def _run_kernel(backend: str, ts) -> bool:
+    """Triton or the reference; under ``auto`` dtypes the kernel lacks (fp64) take the reference."""
+    if not use_triton(backend, ts):
+        return False
+    if all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in ts):
+        return True
+    if backend == "triton":
+        raise ValueError(f"BYOL loss (triton) takes fp32, bf16 or fp16 inputs, got {[t.dtype for t in ts]}; "
+                         f"use backend='auto' or 'torch'")
+    return False
 
 
 def _launch_fwd(p, z, q, y, two_pairs: bool):
+    from ._triton_loss import loss_fwd  # triton is imported only here
+
     B, D = p.shape
-    fwd, _ = _get_kernels()
     block_b, block_d, warps = _blocks(B, D)
     stats = torch.empty(B, 6, device=p.device, dtype=torch.float32)
-    row_loss = torch.empty(B if not two_pairs else 1, device=p.device, dtype=torch.float32)
-    total = torch.zeros((), device=p.device, dtype=torch.float32)
-    grid = (triton_cdiv(B, block_b),)
-    fwd[grid](p, z, q, y, stats, row_loss, total, B, D, p.stride(0), p.stride(1), z.stride(0), z.stride(1),
-              q.stride(0), q.stride(1), y.stride(0), y.stride(1), EPS, 1.0 / B,
-              TWO_PAIRS=two_pairs, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps)
+    # Two pairs: the batch mean, accumulated atomically (hence zeroed: a memset, not a kernel
+    # of ours). One pair: the per-row losses. The unused output gets a stand-in never written.
+    if two_pairs:
+        total = torch.zeros((), device=p.device, dtype=torch.float32)
+        row_loss = stats
+    else:
+        row_loss = torch.empty(B, device=p.device, dtype=torch.float32)
+        total = row_loss
+    loss_fwd[(_cdiv(B, block_b),)](
+        p, z, q, y, stats, row_loss, total, B, D, p.stride(0), p.stride(1), z.stride(0), z.stride(1),
+        q.stride(0), q.stride(1), y.stride(0), y.stride(1), EPS, 1.0 / B,
+        TWO_PAIRS=two_pairs, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps)
     return (total if two_pairs else row_loss), stats
 
 
 def _launch_bwd(p, z, q, y, stats, grad, need_p: bool, need_z: bool, two_pairs: bool):
+    """Returns the gradients of p, z, q, y (None where not needed)."""
+    from ._triton_loss import loss_bwd
+
     B, D = p.shape
-    _, bwd = _get_kernels()
     block_b, block_d, warps = _blocks(B, D)
-    gp = torch.empty(B, D, device=p.device, dtype=p.dtype) if need_p else None
-    gz = torch.empty(B, D, device=p.device, dtype=z.dtype) if need_z else None
-    gq = torch.empty(B, D, device=p.device, dtype=q.dtype) if need_p and two_pairs else None
-    gy = torch.empty(B, D, device=p.device, dtype=y.dtype) if need_z and two_pairs else None
-    dummy = stats  # never written when its flag is off
-    grid = (triton_cdiv(B, block_b),)
-    bwd[grid](p, z, q, y, stats, grad.contiguous(), gp if gp is not None else dummy, gz if gz is not None else dummy,
-              gq if gq is not None else dummy, gy if gy is not None else dummy, B, D,
-              p.stride(0), p.stride(1), z.stride(0), z.stride(1), q.stride(0), q.stride(1), y.stride(0), y.stride(1),
-              EPS, 1.0 / B, TWO_PAIRS=two_pairs, NEED_P=need_p, NEED_Z=need_z,
-              BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps)
+
+    def new_grad(x, need):
+        return torch.empty(B, D, device=x.device, dtype=x.dtype) if need else None
+
+    gp, gz = new_grad(p, need_p), new_grad(z, need_z)
+    gq, gy = (new_grad(q, need_p), new_grad(y, need_z)) if two_pairs else (None, None)
+    dummy = stats  # stands in for a gradient that is not needed: never written
+    loss_bwd[(_cdiv(B, block_b),)](
+        p, z, q, y, stats, grad, *(x if x is not None else dummy for x in (gp, gz, gq, gy)), B, D,
+        p.stride(0), p.stride(1), z.stride(0), z.stride(1), q.stride(0), q.stride(1), y.stride(0), y.stride(1),
+        0 if two_pairs else grad.stride(0), EPS, 1.0 / B, TWO_PAIRS=two_pairs, NEED_P=need_p, NEED_Z=need_z,
+        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps)
     return gp, gz, gq, gy
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def _only_needed(grads, needs):
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
 class _ByolLoss(torch.autograd.Function):
+    """Both pairs of the symmetric loss in one forward and one backward launch."""
+
     @staticmethod
     def forward(ctx, p1, p2, z1, z2):
-        # Pair A = (p1, z2), pair B = (p2, z1).
+        # Pair A = (p1, z2), pair B = (p2, z1): each prediction against the other view's target.
         total, stats = _launch_fwd(p1, z2, p2, z1, two_pairs=True)
         ctx.save_for_backward(p1, p2, z1, z2, stats)
         return total
@@ -103,15 +142,17 @@ class _ByolLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         p1, p2, z1, z2, stats = ctx.saved_tensors
-        need_p = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        need_z = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        needs = ctx.needs_input_grad
+        need_p, need_z = needs[0] or needs[1], needs[2] or needs[3]
         if not (need_p or need_z):
             return None, None, None, None
-        gp1, gz2, gp2, gz1 = _launch_bwd(p1, z2, p2, z1, stats, grad.reshape(1).float(), need_p, need_z, True)
-        return gp1, gp2, gz1, gz2
+        gp1, gz2, gp2, gz1 = _launch_bwd(p1, z2, p2, z1, stats, grad, need_p, need_z, True)
+        return _only_needed((gp1, gp2, gz1, gz2), needs)
 
 
 class _PairLoss(torch.autograd.Function):
+    """Row-wise loss of one pair: the same kernels with the second pair switched off."""
+
     @staticmethod
     def forward(ctx, p, z):
         rows, stats = _launch_fwd(p, z, p, z, two_pairs=False)
@@ -124,7 +165,7 @@ class _PairLoss(torch.autograd.Function):
         need_p, need_z = ctx.needs_input_grad
         if not (need_p or need_z):
             return None, None
-        gp, gz, _, _ = _launch_bwd(p, z, p, z, stats, grad.float(), need_p, need_z, False)
+        gp, gz, _, _ = _launch_bwd(p, z, p, z, stats, grad, need_p, need_z, False)
         return gp, gz
 
 
@@ -134,18 +175,25 @@ def normalized_l2_loss(p: torch.Tensor, z: torch.Tensor, *, backend: str = "auto
     """Row-wise ``2 − 2·cos(p, z)`` (= ‖p/‖p‖ − z/‖z‖‖²) with F.normalize's eps semantics.
 
     Args:
-        p, z: ``[B, D]`` fp32/bf16/fp16 tensors (any strides), 1 <= D <= 8192.
-        backend: ``auto`` | ``triton`` | ``torch``.
+        p, z: ``[B, D]`` fp32/bf16/fp16 tensors (any strides), B >= 1, D >= 1 (the kernel
+            loops over D in slabs; tested up to 8192). Under ``auto``, fp64 takes the reference.
+        backend: ``auto`` | ``triton`` | ``torch`` (see the package docstring).
 
     Returns:
-        fp32 tensor ``[B]``. Differentiable w.r.t. whichever inputs require grad.
+        fp32 tensor ``[B]`` (sums accumulate in fp32 whatever the input dtype).
+        Differentiable w.r.t. whichever inputs require grad; each gradient has its input's
+        dtype and shape (contiguous).
+
+    Raises:
+        ValueError: shapes, dtypes or backend name not accepted.
+        RuntimeError: ``backend="triton"`` where the kernel cannot run.
 
     Examples:
         >>> normalized_l2_loss(torch.randn(4, 256), torch.randn(4, 256)).shape
         torch.Size([4])
     """
     _check(p, z)
-    if not use_triton(backend, (p, z)):
+    if not _run_kernel(backend, (p, z)):
         return normalized_l2_loss_reference(p, z)
     return _PairLoss.apply(p, z)
 
@@ -155,12 +203,20 @@ def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Te
     """BYOL's symmetric loss ``mean_i[(2 − 2cos(p1_i, z2_i)) + (2 − 2cos(p2_i, z1_i))]``.
 
     Args:
-        p1, p2: online predictions of views 1 and 2, ``[B, D]``.
-        z1, z2: target projections of views 1 and 2, ``[B, D]`` (normally detached).
-        backend: ``auto`` | ``triton`` | ``torch``.
+        p1, p2: online predictions of views 1 and 2, ``[B, D]``, fp32/bf16/fp16, any strides,
+            B >= 1, D >= 1 (tested up to 8192). Under ``auto``, fp64 takes the reference.
+        z1, z2: target projections of views 1 and 2, same shape (normally detached; if they
+            require grad, e.g. SimSiam-style without stop-gradient, they get gradients too).
+        backend: ``auto`` | ``triton`` | ``torch`` (see the package docstring).
 
     Returns:
-        fp32 scalar. With Triton: one forward launch and one backward launch for both pairs.
+        fp32 scalar. With Triton: one forward launch and one backward launch for both pairs;
+        gradients come back in each input's dtype. The batch mean is accumulated with atomic
+        adds, so on a GPU its last bits may differ from run to run.
+
+    Raises:
+        ValueError: shapes, dtypes or backend name not accepted.
+        RuntimeError: ``backend="triton"`` where the kernel cannot run.
 
     Examples:
         >>> p1, p2 = torch.randn(8, 256, requires_grad=True), torch.randn(8, 256, requires_grad=True)
@@ -168,6 +224,6 @@ def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Te
         >>> loss.backward()
     """
     _check(p1, p2, z1, z2)
-    if not use_triton(backend, (p1, p2, z1, z2)):
+    if not _run_kernel(backend, (p1, p2, z1, z2)):
         return byol_loss_reference(p1, p2, z1, z2)
     return _ByolLoss.apply(p1, p2, z1, z2)

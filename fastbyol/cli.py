@@ -63,6 +63,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="fastbyol", description="Fast, paper-exact BYOL pretraining.")
+    # The deepspeed launcher puts --local_rank=N before the subcommand (`deepspeed --module fastbyol train ...`).
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     tr = sub.add_parser("train", help="pretrain an encoder with BYOL",
                         usage="fastbyol train [--preset NAME] [--data DIR] [--val-data DIR] [--section.field VALUE ...]",

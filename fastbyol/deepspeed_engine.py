@@ -1,0 +1,346 @@
+"""Multi-GPU / multi-node BYOL with DeepSpeed: the engine adapter, its config, the entry point.
+
+``run_deepspeed(cfg, dist)`` is what ``fastbyol train`` runs when launched by ``deepspeed``,
+``torchrun`` or with ``--deepspeed true``. The trainer (:mod:`fastbyol.trainer`) is the same
+as on one process; only the engine differs (interface: :mod:`fastbyol.engine`).
+
+Design (issue #5):
+
+* **What DeepSpeed owns.** Its engine wraps the online network (encoder + projector +
+  predictor) with fastbyol's LARS as the client optimizer. The target network stays outside
+  and is updated by the fused EMA straight from the online weights, once per *applied*
+  optimizer step: :meth:`DeepSpeedEngine.step` returns True only at an accumulation boundary
+  whose update was not skipped.
+* **Precision: torch autocast over fp32 weights** (DeepSpeed's ``torch_autocast`` section).
+  The weights, gradients and optimizer state stay fp32 and per tensor, so LARS computes true
+  per-layer trust ratios and the EMA reads fp32 weights with no master copy in between. bf16
+  needs no loss scaling; fp16 uses DeepSpeed's dynamic GradScaler, and a step it skips on
+  overflow returns False (DeepSpeed's own ``was_step_applied()`` does not see those skips;
+  the scale going down does), so neither the target nor the schedules move.
+  DeepSpeed's ``fp16``/``bf16`` modes are refused: they keep half-precision weights on the
+  module and hand the optimizer flat fp32 partitions, which would silently turn LARS's
+  per-layer trust ratios into per-partition ones, and leave the EMA only rounded weights.
+* **ZeRO-1/2 flatten parameter groups into partitions too**, so they are refused with LARS
+  (one-line error) and allowed with the elementwise optimizers (``--optim.optimizer sgd|adamw``,
+  fp32 or bf16). For BYOL they buy little: ResNet-50's online network has 35 M parameters, so
+  LARS's momentum is 140 MB per GPU. ZeRO-3 (partitioned weights) is refused: the EMA needs
+  the whole online network on every rank.
+* **No DeepSpeed LR scheduler** (the trainer sets the rate every step through
+  :meth:`~DeepSpeedEngine.set_lr`) and **no gradient clipping** (DeepSpeed 0.19 clips at 1.0
+  unless told otherwise; BYOL does not clip).
+* **Checkpoints** (``--out DIR``, which every rank must see): DeepSpeed's
+  ``save_checkpoint`` on all ranks writes ``DIR/deepspeed/step00000123/`` (module, LARS
+  state, fp16 scaler in ``client_state``); then rank 0 writes ``DIR/checkpoint.pt``
+  atomically (config, step, online and target weights, RNG, history and the DeepSpeed tag),
+  and removes older tags. ``--resume DIR`` reads both; ``fastbyol export DIR enc.pt`` reads
+  only ``checkpoint.pt``, as for a single-process run.
+* **Replicas** (:mod:`fastbyol.distributed`): SyncBatchNorm with more than one rank on CUDA
+  (``dist.sync_bn``, default on, as the paper); rank 0's online and target parameters and
+  buffers are broadcast at start; without SyncBN, BatchNorm running statistics are averaged
+  over ranks before each checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+from functools import partial
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as tdist
+
+from .checkpoint import atomic_save, load_checkpoint
+from .config import Config
+from .distributed import (average_buffers, backend_for, barrier, broadcast_module_state, convert_sync_batchnorm,
+                          ensure_env)
+from .engine import autocast_context
+from .errors import FastByolError
+from .optim import build_optimizer
+from .schedules import scaled_lr
+from .trainer import DistInfo, Trainer, resolve_device
+
+DS_DIR = "deepspeed"  # DeepSpeed's checkpoint folder inside --out
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+_DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
+                "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
+                "fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32"}
+
+
+# ----------------------------------------------------------------------------- config
+
+def batch_numbers(cfg: Config, world: int) -> Dict[str, int]:
+    """DeepSpeed's three batch fields from fastbyol's global batch, accumulation and world size."""
+    batch, accum = cfg.train.batch_size, cfg.dist.grad_accum
+    if batch % (world * accum):
+        raise FastByolError(f"train.batch_size {batch} is not divisible by world size {world} x "
+                            f"dist.grad_accum {accum}")
+    return {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch // (world * accum),
+            "gradient_accumulation_steps": accum}
+
+
+def _finish(ds: Dict[str, Any], cfg: Config, source: str) -> Dict[str, Any]:
+    """Checks and defaults shared by generated and user configs."""
+    zero = ds.setdefault("zero_optimization", {})
+    stage = int(zero.setdefault("stage", cfg.dist.zero_stage))
+    if stage > 2:
+        raise FastByolError(f"{source}: ZeRO stage {stage} partitions the weights, but the target EMA needs the "
+                            "whole online network on every rank; use stage 0, 1 or 2")
+    if stage > 0 and cfg.optim.optimizer == "lars":
+        raise FastByolError(f"{source}: ZeRO stage {stage} hands the optimizer flat partitions, so LARS's per-layer "
+                            "trust ratios would become per-partition; use --dist.zero_stage 0 with LARS, or "
+                            "--optim.optimizer sgd|adamw with ZeRO")
+    if stage > 0 and cfg.train.precision == "fp16":
+        raise FastByolError(f"{source}: fp16 loss scaling is supported without ZeRO only; use "
+                            "--train.precision bf16 with ZeRO, or --dist.zero_stage 0")
+    if cfg.train.precision != "fp32":
+        ds.setdefault("torch_autocast", {"enabled": True, "dtype": AUTOCAST_DTYPES[cfg.train.precision]})
+    if stage > 0:
+        ds.setdefault("zero_allow_untested_optimizer", True)  # a client optimizer, checked above
+    ds.setdefault("gradient_clipping", 0.0)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def generated_config(cfg: Config, world: int) -> Dict[str, Any]:
+    """The DeepSpeed config fastbyol writes when no ``--dist.ds_config`` is given."""
+    ds = {**batch_numbers(cfg, world), "gradient_clipping": 0.0, "zero_optimization": {"stage": cfg.dist.zero_stage}}
+    return _finish(ds, cfg, "dist.zero_stage")
+
+
+def merge_user_config(user: Dict[str, Any], cfg: Config, world: int, source: str = "--dist.ds_config") -> Dict[str, Any]:
+    """A user's DeepSpeed JSON, checked against fastbyol's config and completed.
+
+    Batch fields may be absent or ``"auto"`` (filled in) but must otherwise agree with
+    ``train.batch_size``, ``dist.grad_accum`` and the world size; precision comes from
+    ``train.precision``; ``optimizer``/``scheduler`` sections and DeepSpeed's ``fp16``/``bf16``
+    modes are refused (see the module docstring). Raises :class:`FastByolError` naming the key.
+    """
+    ds = copy.deepcopy(user)
+    want = batch_numbers(cfg, world)
+    for key, value in want.items():
+        have = ds.get(key, "auto")
+        if have == "auto":
+            ds[key] = value
+        elif not isinstance(have, int) or have != value:
+            raise FastByolError(
+                f"{source}: {key} is {have!r} but fastbyol's config gives {value} (global batch "
+                f"{want['train_batch_size']} = micro-batch {want['train_micro_batch_size_per_gpu']} x grad-accum "
+                f"{want['gradient_accumulation_steps']} x {world} ranks); make them agree via --train.batch_size / "
+                f"--dist.grad_accum, or drop the key and fastbyol fills it in")
+    for key, why in (("optimizer", "fastbyol passes its own optimizer (--optim.optimizer)"),
+                     ("scheduler", "fastbyol sets the learning rate every step (warm-up + cosine)")):
+        if key in ds:
+            raise FastByolError(f"{source}: remove the {key!r} section: {why}")
+    for key in ("fp16", "bf16"):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled", False):
+            raise FastByolError(
+                f"{source}: remove the {key!r} section and use --train.precision {key}: DeepSpeed's {key} mode "
+                "flattens parameter groups (LARS trust ratios would become per-partition); fastbyol runs "
+                "torch autocast over fp32 weights instead")
+    autocast = ds.get("torch_autocast")
+    if isinstance(autocast, dict) and autocast.get("enabled", False):
+        dtype = _DTYPE_NAMES.get(str(autocast.get("dtype", "bfloat16")).lower(), autocast.get("dtype"))
+        if dtype != cfg.train.precision:
+            raise FastByolError(f"{source}: torch_autocast dtype {autocast.get('dtype')!r} disagrees with "
+                                f"--train.precision {cfg.train.precision}")
+    elif isinstance(autocast, dict) and cfg.train.precision != "fp32":
+        raise FastByolError(f"{source}: torch_autocast is disabled but --train.precision is {cfg.train.precision}")
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage is not None and cfg.dist.zero_stage not in (0, stage):
+        raise FastByolError(f"{source}: zero_optimization.stage {stage} disagrees with --dist.zero_stage "
+                            f"{cfg.dist.zero_stage}")
+    return _finish(ds, cfg, source)
+
+
+def deepspeed_config(cfg: Config, world: int) -> Dict[str, Any]:
+    """The DeepSpeed config of this run: ``cfg.dist.ds_config`` checked and completed, or generated."""
+    path = cfg.dist.ds_config
+    if path is None:
+        return generated_config(cfg, world)
+    try:
+        with open(path) as fh:
+            user = json.load(fh)
+    except OSError as e:
+        raise FastByolError(f"cannot read --dist.ds_config {path!r}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise FastByolError(f"--dist.ds_config {path!r} is not valid JSON: {e}") from None
+    if not isinstance(user, dict):
+        raise FastByolError(f"--dist.ds_config {path!r}: expected a JSON object")
+    return merge_user_config(user, cfg, world, source=f"--dist.ds_config {os.path.basename(path)}")
+
+
+# ----------------------------------------------------------------------------- engine
+
+class DeepSpeedEngine:
+    """fastbyol's engine interface over a ``deepspeed.DeepSpeedEngine`` (see :mod:`fastbyol.engine`).
+
+    Args:
+        ds: the DeepSpeed engine wrapping ``model.online`` with the client optimizer.
+        model: the :class:`~fastbyol.model.BYOL` (its target is checkpointed and kept in sync here).
+        device, precision: where and how the forward runs (``autocast()`` also covers the target).
+        dist: this process's rank / world size.
+        sync_bn: whether BatchNorm is synchronised (then buffers agree without averaging).
+    """
+
+    def __init__(self, ds, model, device: torch.device, precision: str, dist: DistInfo, sync_bn: bool):
+        self.ds, self.model, self.device, self.precision = ds, model, device, precision
+        self.dist, self.sync_bn = dist, sync_bn
+        self.module = ds  # calling the engine runs DeepSpeed's forward hooks (and its autocast)
+
+    @property
+    def scaler(self) -> Optional[torch.amp.GradScaler]:
+        """DeepSpeed's dynamic loss scaler (fp16 without ZeRO), else None."""
+        return getattr(self.ds, "torch_autocast_z0_gradscaler", None)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.ds.optimizer
+
+    def autocast(self):
+        return autocast_context(self.device, self.precision)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)  # divides by the accumulation steps; all-reduces at the boundary
+
+    def step(self) -> bool:
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        scaler = self.scaler
+        # The scaler reads found-inf back to the host in its step anyway; reading the scale
+        # costs nothing more. bf16/fp32 runs read nothing.
+        scale = scaler.get_scale() if boundary and scaler is not None else None
+        self.ds.step()
+        if not boundary:
+            return False
+        applied = bool(self.ds.was_step_applied())  # ZeRO's own overflow check
+        if scale is not None:
+            applied = applied and scaler.get_scale() >= scale  # a lowered scale means skipped
+        return applied
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+
+    def ema_source(self):
+        return self.ds.module  # the online network's own fp32 parameters
+
+    # ------------------------------------------------------------------ checkpoints
+    def _tag(self, step: int) -> str:
+        return f"step{step:08d}"
+
+    def save(self, path: str, state: Dict[str, Any]) -> None:
+        """All ranks: DeepSpeed's checkpoint; then rank 0: ``checkpoint.pt`` (atomic), old tags removed."""
+        if not self.sync_bn and self.dist.world_size > 1:
+            average_buffers(self.model.online, self.model.target)
+            state = dict(state, online=self.model.online.state_dict(),
+                         target=self.model.target.state_dict() if self.model.target is not None else None)
+        folder = os.path.dirname(os.path.abspath(path))
+        ds_dir, tag = os.path.join(folder, DS_DIR), self._tag(int(state["step"]))
+        client = {"fastbyol_step": int(state["step"]),
+                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        self.ds.save_checkpoint(ds_dir, tag=tag, client_state=client)
+        barrier()
+        if self.dist.is_main:
+            meta = {"dir": DS_DIR, "tag": tag, "world_size": self.dist.world_size,
+                    "zero_stage": int(self.ds.zero_optimization_stage())}
+            atomic_save(dict(state, deepspeed=meta, optimizer_class=f"deepspeed:{type(self.ds.basic_optimizer).__name__}"),
+                        path)
+            for name in os.listdir(ds_dir):  # checkpoint.pt now points at `tag`: older ones can go
+                if name != tag and name.startswith("step") and os.path.isdir(os.path.join(ds_dir, name)):
+                    shutil.rmtree(os.path.join(ds_dir, name), ignore_errors=True)
+        barrier()
+
+    def load(self, path: str) -> Dict[str, Any]:
+        state = load_checkpoint(path)
+        meta = state.get("deepspeed")
+        if not meta:
+            raise FastByolError(f"cannot resume {path!r} under DeepSpeed: it was written by a single-process run "
+                                "(resume it without --deepspeed and on one process)")
+        saved, mine = state.get("optimizer_class"), f"deepspeed:{type(self.ds.basic_optimizer).__name__}"
+        if saved != mine:
+            raise FastByolError(f"cannot resume {path!r}: it was trained with {saved}, this run uses {mine}")
+        ds_dir = os.path.join(os.path.dirname(os.path.abspath(path)), meta["dir"])
+        where = os.path.join(ds_dir, meta["tag"])
+        if not os.path.isdir(where):
+            raise FastByolError(f"cannot resume {path!r}: its DeepSpeed checkpoint {where!r} is missing")
+        try:
+            loaded, client = self.ds.load_checkpoint(ds_dir, tag=meta["tag"], load_optimizer_states=True,
+                                                     load_lr_scheduler_states=False)
+        except (RuntimeError, ValueError, KeyError, AssertionError, OSError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise FastByolError(f"cannot resume {path!r}: DeepSpeed could not load {where!r} ({first})") from None
+        if loaded is None:
+            raise FastByolError(f"cannot resume {path!r}: DeepSpeed found no checkpoint in {where!r}")
+        if self.scaler is not None and (client or {}).get("grad_scaler"):
+            self.scaler.load_state_dict(client["grad_scaler"])
+        return state
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def import_deepspeed(device: torch.device):
+    """``import deepspeed`` on the accelerator matching ``device`` (CPU runs pin DS_ACCELERATOR=cpu,
+    so that ``--train.device cpu`` on a GPU machine really runs on the CPU)."""
+    if device.type == "cpu" and "deepspeed" not in sys.modules:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:
+        raise FastByolError("--dist.deepspeed needs DeepSpeed: pip install deepspeed==0.19.8") from None
+    accel = get_accelerator().device_name()
+    if accel != device.type:
+        raise FastByolError(f"DeepSpeed's accelerator is {accel!r} but the training device is {device}: "
+                            f"set --train.device {accel}, or DS_ACCELERATOR={device.type}")
+    return deepspeed
+
+
+def make_engine(model, cfg: Config, device: torch.device, dist: DistInfo, ds_config: Dict[str, Any]) -> DeepSpeedEngine:
+    """The trainer's ``engine_factory``: SyncBN, identical replicas, DeepSpeed around ``model.online``."""
+    deepspeed = import_deepspeed(device)
+    sync_bn = convert_sync_batchnorm(model, device, dist.world_size, cfg.dist.sync_bn, announce=dist.is_main)
+    broadcast_module_state(model.online, model.target)
+    optimizer = build_optimizer(model.online, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.train.batch_size))
+    # DeepSpeed broadcasts the weights as raw bytes, which needs row-major tensors; ZeRO then
+    # re-points them into its flat buffers. Stage 0 gets channels_last back (the same layout
+    # as a single-process run); under ZeRO the target follows the online network, so that
+    # both sides of the EMA share one layout. (.to() swaps .data: the Parameters stay the same.)
+    model.online.to(memory_format=torch.contiguous_format)
+    ds, _, _, _ = deepspeed.initialize(model=model.online, optimizer=optimizer, config=copy.deepcopy(ds_config),
+                                       dist_init_required=False)
+    if ds.zero_optimization_stage() == 0:
+        model.online.to(memory_format=torch.channels_last)
+    elif model.target is not None:
+        model.target.to(memory_format=torch.contiguous_format)
+    if cfg.train.compile:
+        ds.compile()
+    return DeepSpeedEngine(ds, model, device, cfg.train.precision, dist, sync_bn)
+
+
+def deepspeed_trainer(cfg: Config, dist: DistInfo) -> Trainer:
+    """Join (or create) the process group and build a :class:`Trainer` on the DeepSpeed engine.
+    Configuration errors are raised before any process group exists."""
+    cfg.validate()
+    ds_config = deepspeed_config(cfg, dist.world_size)
+    device = resolve_device(cfg.train.device, dist)
+    deepspeed = import_deepspeed(device)
+    ensure_env()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL, so each rank's communicator lives on its own GPU
+    if not tdist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend_for(device), verbose=False)
+    if tdist.get_world_size() != dist.world_size:
+        raise FastByolError(f"launcher says WORLD_SIZE={dist.world_size} but the process group has "
+                            f"{tdist.get_world_size()} ranks")
+    return Trainer(cfg, dist, engine_factory=partial(make_engine, ds_config=ds_config))
+
+
+def run_deepspeed(cfg: Config, dist: DistInfo) -> Optional[Dict]:
+    """Train under DeepSpeed; the summary on rank 0, None on the other ranks."""
+    summary = deepspeed_trainer(cfg, dist).fit()
+    # Only after success: on an error the launcher tears the job down, and tearing the group
+    # down here could wait forever on ranks still inside a collective.
+    tdist.destroy_process_group()
+    return summary if dist.is_main else None

@@ -1,0 +1,118 @@
+"""Data-parallel plumbing: process group, SyncBatchNorm, identical replicas on every rank.
+
+DeepSpeed all-reduces gradients and broadcasts the engine's parameters once, but it never
+touches buffers, and fastbyol's target network is not part of the engine at all. So the
+replicas are made identical here, explicitly:
+
+* at start, rank 0's online and target parameters *and* buffers are broadcast to every rank
+  (:func:`broadcast_module_state`);
+* parameters then stay identical by construction: the same all-reduced gradients, the same
+  optimizer maths, the same EMA;
+* BatchNorm running statistics are identical under SyncBatchNorm (CUDA, ``dist.sync_bn``, the
+  paper's setting). Without it (CPU, where SyncBatchNorm does not run, or ``--dist.sync_bn
+  false``) each rank's follow its own shard; :func:`average_buffers` replaces them by their
+  mean over ranks (timm's ``distribute_bn(reduce=True)``) before every checkpoint, so the saved
+  model is the same whichever rank wrote it.
+
+Everything here is plain ``torch.distributed`` and works with any launcher.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+from typing import Optional
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+log = logging.getLogger("fastbyol")
+
+
+def backend_for(device: torch.device) -> str:
+    """``nccl`` for CUDA tensors, ``gloo`` for CPU ones."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for single-process runs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_env() -> None:
+    """Fill in the rendezvous variables a launcher would set, so that ``fastbyol train
+    --deepspeed true`` also runs as a plain single process."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device, world: int, enabled: bool,
+                           announce: bool = True) -> bool:
+    """Turn every BatchNorm of ``model.online`` and ``model.target`` into SyncBatchNorm.
+
+    Only with more than one rank, only when ``enabled``, only on CUDA (SyncBatchNorm has no CPU
+    kernels): elsewhere the statistics stay per rank, with a one-line warning. Returns whether
+    the conversion happened. Module names are unchanged, so the EMA pairing still holds.
+    """
+    if not enabled or world <= 1:
+        return False
+    if device.type != "cuda":
+        if announce:
+            log.warning("dist.sync_bn: SyncBatchNorm needs CUDA; on %s each rank normalises with its own "
+                        "batch statistics", device.type)
+        return False
+    model.online = nn.SyncBatchNorm.convert_sync_batchnorm(model.online)
+    if getattr(model, "target", None) is not None:
+        model.target = nn.SyncBatchNorm.convert_sync_batchnorm(model.target)
+    return True
+
+
+def _state_tensors(*modules: Optional[nn.Module]):
+    return itertools.chain.from_iterable(
+        itertools.chain(m.parameters(), m.buffers()) for m in modules if m is not None)
+
+
+@torch.no_grad()
+def broadcast_module_state(*modules: Optional[nn.Module], src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers of ``modules`` to every rank (in place)."""
+    if world_size() <= 1:
+        return
+    for t in _state_tensors(*modules):
+        if t.is_contiguous():
+            tdist.broadcast(t.data, src=src)
+        else:  # channels_last conv weights: collectives want dense row-major buffers
+            buf = t.detach().contiguous()
+            tdist.broadcast(buf, src=src)
+            t.data.copy_(buf)
+
+
+@torch.no_grad()
+def average_buffers(*modules: Optional[nn.Module]) -> None:
+    """Replace every floating-point buffer (BatchNorm running mean/var) by its mean over ranks.
+    Integer buffers (``num_batches_tracked``) are equal on all ranks already and left alone."""
+    world = world_size()
+    if world <= 1:
+        return
+    for m in modules:
+        if m is None:
+            continue
+        for b in m.buffers():
+            if b.is_floating_point():
+                tdist.all_reduce(b.data, op=tdist.ReduceOp.SUM)
+                b.data.div_(world)
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        tdist.barrier()

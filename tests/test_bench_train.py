@@ -1,0 +1,55 @@
+"""benchmarks/bench_train.py runs in CPU smoke mode: every fastbyol mode measures a real
+throughput, and each peer (lightly, byol-pytorch) is either measured or says why not."""
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import bench_train  # noqa: E402
+
+
+def test_bench_train_smoke(tmp_path):
+    r = bench_train.main(["--smoke", "--out", str(tmp_path), "--cache", str(tmp_path / "cache")])
+    path = tmp_path / "bench_train_cpu_smoke.json"
+    assert path.is_file() and (tmp_path / "bench_train_cpu_smoke.md").is_file()
+    data = json.loads(path.read_text())
+    assert data["stamp"]["device"] and data["stamp"]["torch"] and data["stamp"]["date"]
+    rows = {row["mode"]: row for row in data["rows"]}
+    assert set(rows) == set(bench_train.MODES)
+    for mode in ("fastbyol", "fastbyol-synthetic", "ablate-eager-loss", "ablate-loop-ema", "ablate-loop-lars"):
+        row = rows[mode]
+        assert row["status"] == "ok", row
+        assert row["img_s"] > 0 and math.isfinite(row["img_s"]), row
+        assert row["timed_steps"] == 3
+    # The full mode is compared to the ceiling measured in the same run.
+    assert 0 < rows["fastbyol"]["vs_ceiling"] and math.isfinite(rows["fastbyol"]["data_share"])
+    for mode in bench_train.PEERS + ("ablate-torch-loader",):  # DALI needs CUDA: skipped on CPU
+        row = rows[mode]
+        if row["status"] == "ok":
+            assert row["img_s"] > 0 and math.isfinite(row["img_s"])
+        else:
+            assert row["status"].startswith("skipped: ") and len(row["status"]) > len("skipped: ")
+    assert data["scaling_estimate"]["smoke"]["rows"][0]["devices"] == 1
+    assert r["rows"] == data["rows"]
+
+
+def test_bench_train_help(capsys):
+    try:
+        bench_train.main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    out = capsys.readouterr().out
+    assert "--smoke" in out and "--scaling" in out and "--batch" in out
+
+
+def test_bench_train_missing_peers_are_skipped(tmp_path, monkeypatch):
+    for name in ["lightly", "byol_pytorch"] + [m for m in sys.modules if m.startswith(("lightly.", "byol_pytorch."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    r = bench_train.main(["--smoke", "--modes", "fastbyol-synthetic,lightly,byol-pytorch", "--steps", "2",
+                          "--out", str(tmp_path), "--cache", str(tmp_path / "cache")])
+    rows = {row["mode"]: row for row in r["rows"]}
+    assert rows["fastbyol-synthetic"]["status"] == "ok"
+    assert rows["lightly"]["status"].startswith("skipped: lightly not importable")
+    assert rows["byol-pytorch"]["status"].startswith("skipped: byol-pytorch not installed")

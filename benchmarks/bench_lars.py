@@ -32,39 +32,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _common import copy_bandwidth, markdown_table, pick_device, stamp, time_fn, write_json  # noqa: E402
-
+from baselines import PerParameterLARS  # noqa: E402
 from fastbyol.optim import LARS, param_groups  # noqa: E402
 
 LR, MOMENTUM, WD, ETA = 1e-3, 0.9, 1.5e-6, 1e-3
-
-
-class LoopLARS(torch.optim.Optimizer):
-    """The same LARS maths as :class:`fastbyol.optim.LARS`, one tensor at a time (the common
-    way to write it): per tensor two norm kernels, a ``where``, and the update kernels."""
-
-    def __init__(self, params, lr, momentum, weight_decay, trust_coefficient):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coefficient=trust_coefficient, lars_exclude=False))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if not group["lars_exclude"]:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["trust_coefficient"] * w_norm / u_norm,
-                                        torch.ones_like(w_norm))
-                    update = update.mul(trust)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(update)
-                p.add_(buf, alpha=-group["lr"])
 
 
 def online_network(device: torch.device, gpu: bool) -> torch.nn.Module:
@@ -96,7 +67,7 @@ def builders() -> Dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
                                lr=LR, momentum=MOMENTUM, foreach=True)
 
     out = {
-        "per-parameter loop (lightly, solo-learn)": lambda net: LoopLARS(groups(net), LR, MOMENTUM, WD, ETA),
+        "per-parameter loop (lightly, solo-learn)": lambda net: PerParameterLARS(groups(net), LR, MOMENTUM, WD, ETA),
         "fastbyol LARS (foreach, sync-free)": lambda net: LARS(groups(net), lr=LR, momentum=MOMENTUM,
                                                                 trust_coefficient=ETA),
     }

@@ -9,8 +9,8 @@ on the training device; images/s counts source images (two views each).
   torchvision  — DataLoader, ``--workers`` processes, PIL transforms per view:
                  RandomResizedCrop(bicubic) + flip + ColorJitter + Grayscale + GaussianBlur +
                  Solarize + ToTensor + Normalize (the common BYOL recipe, e.g. lightly's)
-  fastbyol-torch — fastbyol.data.torch_loader.TorchTwoViewLoader (workers crop, the device
-                 does the photometry in batch)
+  fastbyol-torch — fastbyol.data.torch_loader.TorchTwoViewLoader (workers crop; the photometry
+                 runs batched on the device, or in the workers when the device is the CPU)
 
 Two data sets: a generated ImageNet-like JPEG folder (~500×375, quality 90; ``--data`` for a
 real one) at 224 px, and an in-memory CIFAR-like uint8 array at 32 px (the CIFAR preset: no
@@ -19,9 +19,8 @@ blur). Prints a markdown table and writes JSON (device, versions, date) to ``--o
     python benchmarks/bench_pipeline.py [--num-files N] [--data DIR] [--batch B] [--workers W]
                                         [--batches K] [--rounds R] [--cpu] [--smoke] [--out DIR]
 
-On a CPU the main process's torch threads are limited to the cores the workers leave while the
-fastbyol-torch row runs (its photometry runs there); ``--rounds`` interleaves the rows and keeps
-each one's best round, for machines shared with other jobs.
+``--rounds`` interleaves the rows and keeps each one's best round, for machines shared with
+other jobs.
 """
 from __future__ import annotations
 
@@ -172,10 +171,6 @@ def run_case(name: str, source, aug, args, devices: List[torch.device]) -> List[
             threads = torch.get_num_threads()
             if args.smoke:
                 torch.set_num_threads(1)  # robust on a busy CI box: spinning OpenMP threads stall
-            elif method == "fastbyol-torch" and dev.type == "cpu":
-                # Its photometry runs in this process while `workers` processes decode: give torch
-                # the cores they leave. Oversubscribed OpenMP threads spin-wait, ~100x slower.
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
             try:
                 r = images_per_second(make, args.batch, batches, args.warmup, dev)
                 r["torch_threads"] = torch.get_num_threads()

@@ -19,8 +19,8 @@ Modes, each measured in the same run, on the same device, on the same images:
                         (``use_simplicial_embeddings=False``: BYOL's network; 0.9.1 defaults to True)
   ablate-torch-loader   fastbyol with DALI → the torch DataLoader path
   ablate-eager-loss     fastbyol with the fused loss → its eager reference (``backend="torch"``)
-  ablate-loop-ema       fastbyol with the fused EMA → a per-parameter loop (baseline below)
-  ablate-loop-lars      fastbyol with multi-tensor LARS → per-parameter LARS (baseline below)
+  ablate-loop-ema       fastbyol with the fused EMA → a per-parameter loop (baselines.py)
+  ablate-loop-lars      fastbyol with multi-tensor LARS → per-parameter LARS (baselines.py)
 
 The peers get fastbyol's encoder, head widths and autocast; otherwise their loops are theirs.
 
@@ -68,6 +68,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 from _common import RESULTS, markdown_table, stamp, sync, write_json  # noqa: E402
+from baselines import PerParameterEMA, PerParameterLARS  # noqa: E402
 
 from fastbyol.config import AugmentConfig, Config, preset  # noqa: E402
 from fastbyol.data.sources import ImageSource, load_source, scan_image_folder  # noqa: E402
@@ -271,51 +272,6 @@ def synthetic_views(ctx: Context, channels_last: bool = True):
         v = torch.randn(ctx.batch, 3, s, s, generator=g).to(ctx.device)
         views.append(v.contiguous(memory_format=torch.channels_last) if channels_last else v)
     return views
-
-
-# --------------------------------------------------------------------------- ablation baselines
-
-class PerParameterEMA:
-    """Baseline for the ablation: ``ξ ← τ·ξ + (1 − τ)·θ`` one tensor at a time, the common way
-    (lightly's ``update_momentum``, byol-pytorch): two kernels per tensor, one Python
-    iteration each. Same maths as :class:`fastbyol_kernels.ModuleEMA` (buffers: ``none``)."""
-
-    def __init__(self, online: nn.Module, target: nn.Module):
-        self.pairs = list(zip(target.parameters(), online.parameters()))
-
-    @torch.no_grad()
-    def update(self, tau: float) -> None:
-        for t, o in self.pairs:
-            t.mul_(tau).add_(o.detach(), alpha=1 - tau)
-
-
-class PerParameterLARS(torch.optim.Optimizer):
-    """Baseline for the ablation: :class:`fastbyol.optim.LARS`'s maths, one tensor at a time
-    (two norms, a ``torch.where`` trust ratio, the momentum update per tensor; no host sync)."""
-
-    def __init__(self, params, lr: float, momentum: float = 0.9, trust_coefficient: float = 1e-3):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=0.0,
-                                      trust_coefficient=trust_coefficient, lars_exclude=False))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                u = p.grad
-                if not group["lars_exclude"]:
-                    u = u.add(p, alpha=group["weight_decay"])
-                    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["trust_coefficient"] * w_norm / u_norm,
-                                        torch.ones_like(w_norm))
-                    u = u.mul(trust)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(u)
-                p.add_(buf, alpha=-group["lr"])
 
 
 def allreduce_grads(params: List[torch.Tensor]) -> None:
@@ -593,7 +549,7 @@ def import_byol_pytorch():
     except ImportError as e:
         spec = importlib.util.find_spec("byol_pytorch")
         if spec is None or not spec.submodule_search_locations:
-            raise Skip(f"byol-pytorch not installed; pip install --no-deps byol-pytorch==0.9.1 einops") from None
+            raise Skip("byol-pytorch not installed; pip install --no-deps byol-pytorch==0.9.1 einops") from None
         path = os.path.join(list(spec.submodule_search_locations)[0], "byol_pytorch.py")
         try:
             mspec = importlib.util.spec_from_file_location("_byol_pytorch_learner", path)

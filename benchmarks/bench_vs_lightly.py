@@ -10,8 +10,8 @@ match). Both read the same generated CIFAR-like uint8 array in memory:
   lightly             the example's loop with the lightly package: ``BYOLTransform`` (PIL, per
                       image; blur off as the example sets it for CIFAR) in a DataLoader,
                       ``update_momentum``, ``NegativeCosineSimilarity``, SGD(lr=0.06)
-  fastbyol            ``TorchTwoViewLoader`` (workers crop, photometry batched in the main
-                      process) → BYOL forward → multi-tensor LARS → ``ModuleEMA``
+  fastbyol            ``TorchTwoViewLoader`` (workers crop and run the batched photometry, as
+                      on any CPU device) → BYOL forward → multi-tensor LARS → ``ModuleEMA``
   *-synthetic         the same two loops on pre-made tensors (compute only, no data pipeline)
   fastbyol-synthetic-sgd   attribution only: fastbyol's compute step with the example's
                       optimizer (SGD lr 0.06, no momentum) instead of LARS
@@ -76,7 +76,7 @@ def breakdown(ctx: bt.Context, repeats: int = 9) -> Dict[str, Dict[str, float]]:
         lambda: collate_crops([ds[i] for i in idx])
     crops = collate_crops([ds[i] for i in idx])[0]
     g = step_generator(ctx.device, 0, 0)
-    pieces["fastbyol|main process: batched photometric augmentation (augment_pair)"] = \
+    pieces["fastbyol|batched photometric augmentation (augment_pair; in the workers on CPU)"] = \
         lambda: augment_pair(crops, cfg.augment, g, torch.float32, True)
     fb = bt.FastByolRunner(ctx, loader="synthetic")  # compute pieces, on pre-made views
     v1, v2 = fb.views

@@ -105,9 +105,37 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    # factor 1 is the identity: samples that skip an op pass through unchanged.
     f = _per_sample(factor)
     return (f * x + (1 - f) * other).clamp_(0, 1)
+
+
+def _brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend(x, torch.zeros_like(x), f)
+
+
+def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True).expand_as(x), f)
+
+
+def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend(x, grayscale(x).expand_as(x), f)
+
+
+def apply_where(mask: torch.Tensor, op, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``op(x, factor)`` for the samples in ``mask``, the others unchanged.
+
+    On CUDA the op runs on the whole batch and ``torch.where`` keeps the masked samples:
+    selecting a data-dependent subset would sync with the host. On CPU there is nothing to
+    sync with, so only the selected samples are computed (colour jitter's four stages
+    would otherwise run the costly hue round trip on every sample four times, and view 2
+    would blur every sample to keep 10%). Both give the same values; the tests compare them.
+    """
+    if x.device.type == "cpu":
+        idx = mask.nonzero().squeeze(1)
+        if idx.numel():
+            x = x.index_copy(0, idx, op(x.index_select(0, idx), factor.index_select(0, idx)))
+        return x
+    return torch.where(_per_sample(mask), op(x, factor), x)
 
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -152,24 +180,19 @@ def color_jitter(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch
     applied to a ``jitter_p`` share of samples (torchvision ColorJitter semantics)."""
     n, dev = x.shape[0], x.device
     apply = _rand(n, g, dev) < view.jitter_p
-    one = torch.ones(n, device=dev)
-    factors = [
-        torch.where(apply, _uniform(n, 1 - view.brightness, 1 + view.brightness, g, dev), one),
-        torch.where(apply, _uniform(n, 1 - view.contrast, 1 + view.contrast, g, dev), one),
-        torch.where(apply, _uniform(n, 1 - view.saturation, 1 + view.saturation, g, dev), one),
-        torch.where(apply, _uniform(n, -view.hue, view.hue, g, dev), torch.zeros(n, device=dev)),
-    ]
+    ops = (_brightness, _contrast, _saturation, adjust_hue)
+    factors = (
+        _uniform(n, 1 - view.brightness, 1 + view.brightness, g, dev),
+        _uniform(n, 1 - view.contrast, 1 + view.contrast, g, dev),
+        _uniform(n, 1 - view.saturation, 1 + view.saturation, g, dev),
+        _uniform(n, -view.hue, view.hue, g, dev),
+    )
     order = torch.argsort(torch.rand(n, 4, generator=g, device=dev), dim=1)
     for stage in range(4):
-        op = order[:, stage]
-        # Each op runs on the whole batch with an identity factor for samples whose op at this
-        # stage is another one: no host sync, no gather.
-        x = _blend(x, torch.zeros_like(x), torch.where(op == 0, factors[0], one))
-        mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-        x = _blend(x, mean.expand_as(x), torch.where(op == 1, factors[1], one))
-        x = _blend(x, grayscale(x).expand_as(x), torch.where(op == 2, factors[2], one))
-        if view.hue > 0:
-            x = adjust_hue(x, torch.where(op == 3, factors[3], torch.zeros_like(one)))
+        for k, op in enumerate(ops):
+            if k == 3 and view.hue == 0:
+                continue
+            x = apply_where(apply & (order[:, stage] == k), op, x, factors[k])
     return x
 
 
@@ -218,7 +241,7 @@ def augment_view(x: torch.Tensor, view: ViewConfig, cfg: AugmentConfig, g: torch
     if view.blur_p > 0:
         blur = _rand(n, g, dev) < view.blur_p
         sigma = _uniform(n, cfg.blur_sigma[0], cfg.blur_sigma[1], g, dev)
-        x = torch.where(_per_sample(blur), gaussian_blur(x, sigma, cfg.blur_kernel_size), x)
+        x = apply_where(blur, lambda xs, s: gaussian_blur(xs, s, cfg.blur_kernel_size), x, sigma)
     if view.solarize_p > 0:
         sol = _rand(n, g, dev) < view.solarize_p
         x = torch.where(_per_sample(sol) & (x >= 0.5), 1.0 - x, x)

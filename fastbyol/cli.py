@@ -137,9 +137,11 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["bench"]:  # argparse's REMAINDER drops a leading option (`bench --smoke`)
+            return cmd_bench(argparse.Namespace(args=argv[1:]))
+        ns = build_parser().parse_args(argv)
         return {"train": cmd_train, "export": cmd_export, "bench": cmd_bench}[ns.command](ns)
     except FastByolError as e:
         print(f"fastbyol: error: {e}", file=sys.stderr)

@@ -21,9 +21,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ModelConfig:
     backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | convnet4
     cifar_stem: bool = False  # 3x3 stride-1 first conv, no max-pool (32 px inputs)
-    projector_hidden: int = 4096
-    projection_dim: int = 256
-    predictor_hidden: int = 4096
+    projector_hidden: int = 4096  # projector g: Linear(d, hidden) -> BN -> ReLU -> Linear(hidden, dim)
+    projection_dim: int = 256  # output size of projector and predictor
+    predictor_hidden: int = 4096  # predictor q: Linear(dim, hidden) -> BN -> ReLU -> Linear(hidden, dim)
     use_momentum: bool = True  # False: SimSiam-style target (online net + stop-gradient)
     bn_buffers: str = "own"  # target BN running stats: own (reference) | ema | copy
 
@@ -32,28 +32,28 @@ class ModelConfig:
 class ViewConfig:
     """Probabilities and strengths of one BYOL view (BYOL_SPEC augmentation table)."""
 
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: float = 1.0
-    solarize_p: float = 0.0
+    flip_p: float = 0.5  # horizontal flip probability
+    jitter_p: float = 0.8  # colour jitter probability (the four ops in random order)
+    brightness: float = 0.4  # brightness factor drawn from [1-b, 1+b]
+    contrast: float = 0.4  # contrast factor drawn from [1-c, 1+c]
+    saturation: float = 0.2  # saturation factor drawn from [1-s, 1+s]
+    hue: float = 0.1  # hue shift drawn from [-h, h] (fraction of a turn)
+    grayscale_p: float = 0.2  # grayscale probability
+    blur_p: float = 1.0  # Gaussian blur probability (view 1: 1.0, view 2: 0.1)
+    solarize_p: float = 0.0  # solarisation probability (view 1: 0, view 2: 0.2)
 
 
 @dataclass
 class AugmentConfig:
     """Shared by the torch path (fastbyol.augment) and the DALI path (fastbyol.data.dali)."""
 
-    image_size: int = 224
-    crop_scale: Tuple[float, float] = (0.08, 1.0)
-    crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
-    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    image_size: int = 224  # side of both views after the random resized crop
+    crop_scale: Tuple[float, float] = (0.08, 1.0)  # crop area as a share of the image
+    crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio range (log-uniform)
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma range, in pixels
     blur_kernel_frac: float = 0.1  # kernel side ~10% of the image side (23 px at 224)
-    mean: Tuple[float, float, float] = IMAGENET_MEAN
-    std: Tuple[float, float, float] = IMAGENET_STD
+    mean: Tuple[float, float, float] = IMAGENET_MEAN  # per-channel normalisation mean
+    std: Tuple[float, float, float] = IMAGENET_STD  # per-channel normalisation std
     view1: ViewConfig = field(default_factory=lambda: ViewConfig(blur_p=1.0, solarize_p=0.0))
     view2: ViewConfig = field(default_factory=lambda: ViewConfig(blur_p=0.1, solarize_p=0.2))
 
@@ -80,29 +80,29 @@ class DataConfig:
 class OptimConfig:
     optimizer: str = "lars"  # lars | sgd | adamw
     base_lr: float = 0.2  # lr = base_lr * global_batch / 256
-    weight_decay: float = 1.5e-6
-    momentum: float = 0.9
-    trust_coefficient: float = 1e-3
-    warmup_epochs: float = 10.0
-    tau_base: float = 0.996
+    weight_decay: float = 1.5e-6  # not applied to biases and BN parameters
+    momentum: float = 0.9  # LARS / SGD momentum
+    trust_coefficient: float = 1e-3  # LARS eta
+    warmup_epochs: float = 10.0  # linear lr warm-up from 0, then cosine decay
+    tau_base: float = 0.996  # EMA momentum at step 0, cosine-increased to 1
     betas: Tuple[float, float] = (0.9, 0.999)  # adamw only
 
 
 @dataclass
 class TrainConfig:
     batch_size: int = 4096  # global batch (micro-batch x grad-accum x world size)
-    epochs: int = 1000
+    epochs: int = 1000  # length of the lr and tau schedules
     max_steps: Optional[int] = None  # stop early after this many optimizer steps
     precision: str = "bf16"  # bf16 | fp16 | fp32
-    seed: int = 0
-    out: str = "runs/fastbyol"
+    seed: int = 0  # all randomness (weights, data order, augmentations) follows from it
+    out: str = "runs/fastbyol"  # run folder: checkpoint.pt, metrics.jsonl, curves.png
     resume: Optional[str] = None  # checkpoint file or run directory
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10  # steps between progress lines / JSONL records
     ckpt_every: int = 1  # epochs between checkpoints (0: final only)
     knn_every: int = 10  # epochs between kNN evaluations (0: never)
-    knn_k: int = 200
-    knn_t: float = 0.1
+    knn_k: int = 200  # kNN monitor neighbours
+    knn_t: float = 0.1  # kNN monitor temperature
     knn_max_train: int = 50000  # cap on the kNN feature bank
     kernels: str = "auto"  # backend for loss/EMA: auto | triton | torch
     compile: bool = False  # torch.compile the online/target networks
@@ -112,14 +112,14 @@ class TrainConfig:
 class DistConfig:
     deepspeed: bool = False  # run under DeepSpeed (also implied by a deepspeed launcher)
     ds_config: Optional[str] = None  # user DeepSpeed JSON; None: generated from this config
-    zero_stage: int = 0
-    grad_accum: int = 1
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (1-2 refused with LARS)
+    grad_accum: int = 1  # micro-batches per optimizer step
     sync_bn: bool = True  # SyncBatchNorm when world size > 1 (as the paper)
 
 
 @dataclass
 class Config:
-    preset: str = "imagenet-resnet50"
+    preset: str = "imagenet-resnet50"  # the named preset this config started from
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -341,6 +341,9 @@ def run_deepspeed(cfg: Config, dist: DistInfo) -> Optional[Dict]:
     """Train under DeepSpeed; the summary on rank 0, None on the other ranks."""
     summary = deepspeed_trainer(cfg, dist).fit()
     # Only after success: on an error the launcher tears the job down, and tearing the group
-    # down here could wait forever on ranks still inside a collective.
+    # down here could wait forever on ranks still inside a collective. The barrier keeps one
+    # rank from tearing its side down while another is still finishing its last collective
+    # (gloo then aborts that rank at exit: "terminate called without an active exception").
+    barrier()
     tdist.destroy_process_group()
     return summary if dist.is_main else None

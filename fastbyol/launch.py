@@ -5,6 +5,7 @@ import os
 from typing import Dict, Optional
 
 from .config import Config
+from .errors import FastByolError
 from .trainer import DistInfo, Trainer
 
 
@@ -22,4 +23,7 @@ def run_training(cfg: Config) -> Optional[Dict]:
         from .deepspeed_engine import run_deepspeed
 
         return run_deepspeed(cfg, dist)
+    if cfg.dist.zero_stage:
+        raise FastByolError(f"--zero-stage {cfg.dist.zero_stage} needs DeepSpeed: add --deepspeed true "
+                            "(or launch with deepspeed/torchrun)")
     return Trainer(cfg, dist).fit()

@@ -75,12 +75,14 @@ class Monitor:
         self._t_last, self._step_last = now, step
         eta = (self.total_steps - step) * self.batch_size / ips if ips == ips and ips > 0 else float("nan")
         rec = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tau": tau, "proj_std": std,
-               "images_per_s": ips, "skipped_files": skipped_files, "time": now - self._t0}
+               "images_per_s": ips if ips == ips else None,  # None: first line, nothing timed yet (JSON has no NaN)
+               "skipped_files": skipped_files, "time": now - self._t0}
         self.write(rec)
         if self.enabled:
             eta_s = format_duration(eta) if eta == eta else "?"
+            ips_s = f"{ips:,.0f}" if ips == ips else "?"
             print(f"epoch {epoch + 1}/{epochs} step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.4g} "
-                  f"tau {tau:.5f} std {std:.4f} img/s {ips:,.0f} eta {eta_s}", file=self.stream, flush=True)
+                  f"tau {tau:.5f} std {std:.4f} img/s {ips_s} eta {eta_s}", file=self.stream, flush=True)
         if std < 0.2 * self.healthy_std and not self._warned_collapse:
             self._warned_collapse = True
             log.warning("projections are collapsing: std %.4f vs %.4f when healthy (1/sqrt(d))", std, self.healthy_std)

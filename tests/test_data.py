@@ -105,3 +105,18 @@ def test_batch_larger_than_dataset(tmp_path):
     src = scan_image_folder(make_image_folder(tmp_path / "d", classes=1, per_class=3))
     with pytest.raises(FastByolError, match="larger than the data set"):
         _loader(src, 8)
+
+
+def test_cpu_workers_augment_the_same_views_as_the_main_process(tmp_path):
+    """On a CPU device the workers run the batched photometric half too; the views must
+    be exactly those the main process would make for the same steps."""
+    src = scan_image_folder(make_image_folder(tmp_path / "d", classes=2, per_class=8))
+    aug = preset("smoke").augment
+    main = TorchTwoViewLoader(src, aug, 4, CPU, workers=0)
+    pooled = TorchTwoViewLoader(src, aug, 4, CPU, workers=2)
+    for lo in (main, pooled):
+        lo.set_epoch(1, 1)
+    a, b = list(main), list(pooled)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert torch.equal(x.view1, y.view1) and torch.equal(x.view2, y.view2) and torch.equal(x.labels, y.labels)

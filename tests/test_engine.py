@@ -1,6 +1,5 @@
 """LocalEngine: accumulation boundaries and fp16 overflow skips (which must not move the target)."""
 import torch
-from torch import nn
 
 from fastbyol.engine import LocalEngine
 from fastbyol.model import BYOL

@@ -1,7 +1,6 @@
 """BYOL model: shapes for named and custom backbones, loss vs float64, target isolation."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastbyol.model import BYOL, MLPHead

@@ -92,6 +92,7 @@ def test_bad_data_folders(tmp_path, capsys, make, msg):
     (["train", "--optim.nonsense", "1"], "unrecognized arguments"),
     (["train", "--preset", "smoke", "--optim.tau_base", "2"], "optim.tau_base"),
     (["train", "--preset", "smoke", "--train.batch_size", "many"], "train.batch_size"),
+    (["train", "--preset", "smoke", "--zero-stage", "1"], "needs DeepSpeed"),
 ])
 def test_bad_config(capsys, argv, msg):
     with pytest.raises(SystemExit) as e:

@@ -1,10 +1,13 @@
 """The torch data path: DataLoader workers decode and crop, the device does the rest.
 
-Workers return both views' uint8 crops (4× less host→device traffic than floats); the
-photometric half of the augmentation runs batched on the training device
-(:func:`fastbyol.augment.augment_pair`). Every random draw is a pure function of
-``(seed, epoch, index)`` on the host and ``(seed, step, rank)`` on the device, so an
-interrupted run resumed at step k sees exactly the batches it would have seen.
+Each worker item is one whole batch (``(step, indices)`` from :class:`StepBatches`). Workers
+return both views' uint8 crops (4× less host→device traffic than floats); the photometric
+half of the augmentation runs batched on the training device
+(:func:`fastbyol.augment.augment_pair`). When the training device *is* the CPU, the workers
+run that half too, so it overlaps with compute instead of adding to every step. Every random
+draw is a pure function of ``(seed, epoch, index)`` on the host and ``(seed, step, rank)``
+for the batched half, so both placements give the same views, and an interrupted run resumed
+at step k sees exactly the batches it would have seen.
 """
 from __future__ import annotations
 
@@ -63,6 +66,50 @@ def collate_crops(items):
     if not good:
         return None, None, bad
     return torch.stack([c for c, _ in good]), torch.tensor([y for _, y in good]), bad
+
+
+class StepBatches(Sampler):
+    """``(global step, indices)`` per batch of an :class:`EpochShardSampler`: one DataLoader
+    item per batch, so whoever builds it knows which step's augmentation draws to use."""
+
+    def __init__(self, sampler: "EpochShardSampler", first_step: int):
+        self.sampler, self.first_step = sampler, first_step
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.sampler.batch_size
+
+    def __iter__(self):
+        idx, b = list(self.sampler), self.sampler.batch_size
+        for k in range(len(idx) // b):
+            yield self.first_step + k, idx[k * b:(k + 1) * b]
+
+
+class TwoViewBatchDataset(Dataset):
+    """Item ``(step, indices)`` → ``(crops or (view1, view2), labels, bad files)``.
+
+    With ``augment_on`` set (a CPU device) the batch leaves fully augmented; otherwise as
+    uint8 crops for the training device to finish.
+    """
+
+    def __init__(self, crops: TwoCropDataset, rank: int, augment_on: Optional[torch.device],
+                 out_dtype: torch.dtype, channels_last: bool):
+        self.crops, self.rank, self.augment_on = crops, rank, augment_on
+        self.out_dtype, self.channels_last = out_dtype, channels_last
+
+    def __getitem__(self, item):
+        step, indices = item
+        crops, labels, bad = collate_crops([self.crops[i] for i in indices])
+        if crops is not None and self.augment_on is not None:
+            crops = finish_views(crops, self.crops.aug, self.crops.seed, step, self.rank,
+                                 self.out_dtype, self.channels_last)
+        return crops, labels, bad
+
+
+def finish_views(crops: torch.Tensor, aug: AugmentConfig, seed: int, step: int, rank: int,
+                 out_dtype: torch.dtype, channels_last: bool):
+    """The batched photometric half for one step, on the crops' device."""
+    g = step_generator(crops.device, seed, step, rank)
+    return augment_pair(crops, aug, g, out_dtype, channels_last)
 
 
 class EpochShardSampler(Sampler[int]):
@@ -127,10 +174,14 @@ class TorchTwoViewLoader:
     def _loader(self) -> DataLoader:
         self.dataset.epoch = self.sampler.epoch = self.epoch
         self.sampler.start = self.start_step * self.batch_size
+        batches = StepBatches(self.sampler, self.epoch * len(self) + self.start_step)
+        in_workers = self.device.type == "cpu" and self.workers > 0
+        items = TwoViewBatchDataset(self.dataset, self.rank, self.device if in_workers else None,
+                                    self.out_dtype, self.channels_last)
         return DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=self.workers,
-            collate_fn=collate_crops, pin_memory=self.device.type == "cuda", drop_last=False,
-            persistent_workers=False, prefetch_factor=4 if self.workers > 0 else None,
+            items, batch_size=None, sampler=batches, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if self.workers > 0 else None,
         )
 
     def __iter__(self) -> Iterator[TwoViewBatch]:
@@ -138,10 +189,11 @@ class TorchTwoViewLoader:
         for crops, labels, bad in self._loader():
             if bad:
                 self._note_bad(bad)
-            if crops is not None:
-                crops = crops.to(self.device, non_blocking=True)
-                g = step_generator(self.device, self.seed, step, self.rank)
-                v1, v2 = augment_pair(crops, self.aug, g, self.out_dtype, self.channels_last)
+            if isinstance(crops, (tuple, list)):  # augmented in a worker
+                yield TwoViewBatch(crops[0], crops[1], labels)
+            elif crops is not None:
+                v1, v2 = finish_views(crops.to(self.device, non_blocking=True), self.aug, self.seed, step,
+                                      self.rank, self.out_dtype, self.channels_last)
                 yield TwoViewBatch(v1, v2, labels.to(self.device, non_blocking=True))
             step += 1
 

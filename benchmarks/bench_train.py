@@ -347,6 +347,7 @@ class FastByolRunner(Runner):
         from fastbyol.engine import LocalEngine
         from fastbyol.optim import build_optimizer, param_groups
         from fastbyol.schedules import scaled_lr
+        from fastbyol.backbones import memory_format
         from fastbyol.trainer import build_model
 
         self.ctx, c = ctx, ctx.cfg
@@ -354,11 +355,13 @@ class FastByolRunner(Runner):
         cfg.model.backbone, cfg.model.cifar_stem = c.backbone, c.cifar_stem
         cfg.model.projector_hidden, cfg.model.projection_dim = c.projector_hidden, c.projection_dim
         cfg.model.predictor_hidden = c.predictor_hidden
+        cfg.augment.image_size = c.image_size
         cfg.optim.weight_decay = WEIGHT_DECAY
         loss_backend = ctx.kernels if loss == "fused" else "torch"
         cfg.train.kernels = loss_backend
         torch.manual_seed(ctx.seed)
-        self.model = build_model(cfg, ctx.device)  # channels_last, loss_fn = byol_loss(backend=...)
+        self.model = build_model(cfg, ctx.device)  # the trainer's layout, loss_fn = byol_loss(backend=...)
+        channels_last = memory_format(cfg, ctx.device) == torch.channels_last
         self.model.train()
         lr = scaled_lr(cfg.optim.base_lr, ctx.batch)
         if lars == "foreach":
@@ -380,9 +383,9 @@ class FastByolRunner(Runner):
             self.update_target = lambda: loop.update(TAU)
         self.loader_kind = loader
         if loader == "synthetic":
-            self.views = synthetic_views(ctx)
+            self.views = synthetic_views(ctx, channels_last)
         else:
-            kwargs = dict(seed=ctx.seed, rank=0, world_size=1, workers=ctx.workers, channels_last=True)
+            kwargs = dict(seed=ctx.seed, rank=0, world_size=1, workers=ctx.workers, channels_last=channels_last)
             if loader == "dali":
                 from fastbyol.data.dali import DaliTwoViewLoader
 
@@ -399,7 +402,7 @@ class FastByolRunner(Runner):
             "ema": f"ModuleEMA(backend={ctx.kernels!r})" if ema == "fused" else "per-parameter loop (baseline)",
             "optimizer": {"foreach": "LARS (multi-tensor foreach)", "loop": "LARS per-parameter loop (baseline)",
                           "sgd": "SGD lr 0.06, no momentum (lightly example's; attribution only)"}[lars],
-            "precision": ctx.precision, "channels_last": True,
+            "precision": ctx.precision, "channels_last": channels_last,
         }
 
     def batches(self):

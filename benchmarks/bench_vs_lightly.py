@@ -80,7 +80,7 @@ def breakdown(ctx: bt.Context, repeats: int = 9) -> Dict[str, Dict[str, float]]:
         lambda: augment_pair(crops, cfg.augment, g, torch.float32, True)
     fb = bt.FastByolRunner(ctx, loader="synthetic")  # compute pieces, on pre-made views
     v1, v2 = fb.views
-    pieces["fastbyol|forward + backward (channels_last, 4 forwards, fused-loss reference)"] = \
+    pieces["fastbyol|forward + backward (4 forwards, fused-loss reference)"] = \
         lambda: fb.model(v1, v2, online=fb.engine.module).loss.backward()
     pieces["fastbyol|LARS step (multi-tensor)"] = fb.engine.optimizer.step
     pieces["fastbyol|target EMA (ModuleEMA)"] = fb.update_target

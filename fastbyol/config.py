@@ -106,6 +106,7 @@ class TrainConfig:
     knn_max_train: int = 50000  # cap on the kNN feature bank
     kernels: str = "auto"  # backend for loss/EMA: auto | triton | torch
     compile: bool = False  # torch.compile the online/target networks
+    channels_last: str = "auto"  # auto | on | off; auto: on for CUDA, on CPU only when the first feature map is >= 32 px
 
 
 @dataclass
@@ -360,6 +361,7 @@ def validate(cfg: Config) -> None:
     _check(t.knn_k >= 1, "train.knn_k", "must be >= 1")
     _check(t.knn_t > 0, "train.knn_t", "must be > 0")
     _check(t.kernels in ("auto", "triton", "torch"), "train.kernels", "must be auto, triton or torch")
+    _check(t.channels_last in ("auto", "on", "off"), "train.channels_last", "must be auto, on or off")
     _check(s.zero_stage in (0, 1, 2), "dist.zero_stage", "must be 0, 1 or 2")
     _check(s.grad_accum >= 1, "dist.grad_accum", "must be >= 1")
 

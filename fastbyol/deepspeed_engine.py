@@ -52,6 +52,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as tdist
 
+from .backbones import memory_format
 from .checkpoint import atomic_save, load_checkpoint
 from .config import Config
 from .distributed import (average_buffers, backend_for, barrier, broadcast_module_state, convert_sync_batchnorm,
@@ -304,14 +305,14 @@ def make_engine(model, cfg: Config, device: torch.device, dist: DistInfo, ds_con
     broadcast_module_state(model.online, model.target)
     optimizer = build_optimizer(model.online, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.train.batch_size))
     # DeepSpeed broadcasts the weights as raw bytes, which needs row-major tensors; ZeRO then
-    # re-points them into its flat buffers. Stage 0 gets channels_last back (the same layout
+    # re-points them into its flat buffers. Stage 0 gets its layout back (the same layout
     # as a single-process run); under ZeRO the target follows the online network, so that
     # both sides of the EMA share one layout. (.to() swaps .data: the Parameters stay the same.)
     model.online.to(memory_format=torch.contiguous_format)
     ds, _, _, _ = deepspeed.initialize(model=model.online, optimizer=optimizer, config=copy.deepcopy(ds_config),
                                        dist_init_required=False)
     if ds.zero_optimization_stage() == 0:
-        model.online.to(memory_format=torch.channels_last)
+        model.online.to(memory_format=memory_format(cfg, device))
     elif model.target is not None:
         model.target.to(memory_format=torch.contiguous_format)
     if cfg.train.compile:

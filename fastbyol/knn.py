@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import normalize
+from .backbones import memory_format_of
 from .config import AugmentConfig
 from .errors import FastByolError
 
@@ -21,13 +22,13 @@ from .errors import FastByolError
 def extract_features(encoder: nn.Module, loader, device: torch.device, aug: AugmentConfig
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features ``[N, d]`` (float32) and labels ``[N]`` of a uint8 loader."""
-    was_training = encoder.training
+    was_training, layout = encoder.training, memory_format_of(encoder)
     encoder.eval()
     feats, labels = [], []
     for images, y, _bad in loader:
         if images is None:
             continue
-        x = normalize(images.to(device).float().div_(255.0), aug).contiguous(memory_format=torch.channels_last)
+        x = normalize(images.to(device).float().div_(255.0), aug).contiguous(memory_format=layout)
         feats.append(F.normalize(encoder(x).float(), dim=1))
         labels.append(y.to(device))
     encoder.train(was_training)

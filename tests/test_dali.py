@@ -392,11 +392,13 @@ def test_build_train_loader_picks_dali(tmp_path):
     cfg = preset("smoke")
     cfg.data.loader = "dali"
     src = scan_image_folder(make_image_folder(tmp_path / "d", classes=2, per_class=8, size=(20, 24)))
-    dl = build_train_loader(cfg, src, CPU, micro_batch=4)
-    assert isinstance(dl, DaliTwoViewLoader)
-    b = next(iter(dl))
-    assert b.view1.shape == (4, 3, cfg.augment.image_size, cfg.augment.image_size)
-    assert b.view1.is_contiguous(memory_format=torch.channels_last)
+    for layout, fmt in (("on", torch.channels_last), ("off", torch.contiguous_format)):
+        cfg.train.channels_last = layout  # the views take the encoder's layout
+        dl = build_train_loader(cfg, src, CPU, micro_batch=4)
+        assert isinstance(dl, DaliTwoViewLoader)
+        b = next(iter(dl))
+        assert b.view1.shape == (4, 3, cfg.augment.image_size, cfg.augment.image_size)
+        assert b.view1.is_contiguous(memory_format=fmt)
 
 
 def test_missing_dali_names_the_package(monkeypatch):

@@ -102,3 +102,36 @@ def test_simsiam_variant_has_no_target_and_stops_gradient():
     out.loss.backward()
     model.update_target(0.99)  # a no-op
     assert model.online.predictor[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("preset_name,device,choice,expected", [
+    ("imagenet-resnet50", "cuda", "auto", True),      # tensor cores
+    ("imagenet-resnet50", "cpu", "auto", True),       # 224 px: 56x56 first maps
+    ("cifar10-resnet18", "cpu", "auto", True),        # CIFAR stem: 32x32 first maps
+    ("default", "cpu", "auto", True),                 # ConvNet4 keeps 32x32
+    ("imagenet-resnet50", "cpu", "off", False),
+    ("default", "cpu", "on", True),
+])
+def test_memory_format_choice(preset_name, device, choice, expected):
+    from fastbyol.backbones import memory_format
+    from fastbyol.config import preset
+
+    cfg = preset(preset_name)
+    cfg.train.channels_last = choice
+    assert (memory_format(cfg, torch.device(device)) == torch.channels_last) == expected
+
+
+def test_imagenet_stem_at_32px_stays_contiguous_on_cpu_and_knn_inputs_follow():
+    from fastbyol.backbones import memory_format, memory_format_of
+    from fastbyol.config import preset
+    from fastbyol.trainer import build_model
+
+    cfg = preset("cifar10-resnet18")
+    cfg.model.cifar_stem = False  # first maps 8x8 at 32 px
+    assert memory_format(cfg, torch.device("cpu")) == torch.contiguous_format
+    assert memory_format(cfg, torch.device("cuda")) == torch.channels_last
+    cfg.model.backbone, cfg.model.projector_hidden, cfg.model.predictor_hidden = "convnet4", 16, 16
+    cfg.train.channels_last = "on"
+    assert memory_format_of(build_model(cfg, torch.device("cpu")).online.encoder) == torch.channels_last
+    cfg.train.channels_last = "off"
+    assert memory_format_of(build_model(cfg, torch.device("cpu")).online.encoder) == torch.contiguous_format

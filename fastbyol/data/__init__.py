@@ -58,8 +58,10 @@ def build_train_loader(cfg: Config, source: ImageSource, device: torch.device, m
                        rank: int = 0, world_size: int = 1) -> TwoViewLoader:
     """The training loader named by ``cfg.data.loader`` (``auto|torch|dali``)."""
     kind = choose_loader(cfg.data.loader, device)
+    from ..backbones import memory_format
+
     kwargs = dict(seed=cfg.train.seed, rank=rank, world_size=world_size, workers=cfg.data.workers,
-                  channels_last=True)
+                  channels_last=memory_format(cfg, device) == torch.channels_last)
     if kind == "dali":
         from .dali import DaliTwoViewLoader
 

@@ -56,3 +56,26 @@ def test_bench_train_missing_peers_are_skipped(tmp_path, monkeypatch):
     assert rows["fastbyol-synthetic"]["status"] == "ok"
     assert rows["lightly"]["status"].startswith("skipped: lightly not importable")
     assert rows["byol-pytorch"]["status"].startswith("skipped: byol-pytorch not installed")
+
+
+@pytest.mark.parametrize("hide_lightly", [False, True])
+def test_bench_vs_lightly_smoke(tmp_path, monkeypatch, hide_lightly):
+    """One tiny round: fastbyol's modes are measured; lightly's are measured when it is
+    installed, otherwise reported as skipped and the verdict says nothing was compared."""
+    import bench_vs_lightly
+
+    if hide_lightly:
+        for name in ["lightly"] + [m for m in sys.modules if m.startswith("lightly.")]:
+            monkeypatch.setitem(sys.modules, name, None)
+    r = bench_vs_lightly.main(["--batch", "4", "--steps", "1", "--warmup", "1", "--rounds", "1", "--workers", "0",
+                               "--no-breakdown", "--out", str(tmp_path)])
+    rows = {row["mode"]: row for row in r["rows"]}
+    assert rows["fastbyol"]["status"] == "ok" and rows["fastbyol"]["img_s"] > 0
+    assert rows["fastbyol-synthetic"]["status"] == "ok"
+    assert os.path.exists(r["json"]) and os.path.exists(tmp_path / "vs_lightly_cpu_w0_b4.md")
+    if rows["lightly"]["status"] == "ok":
+        assert r["ratios"]["end-to-end"]["ratio_median"] > 0
+    else:
+        assert rows["lightly"]["status"].startswith("skipped") and r["verdict"].startswith("not measured")
+    if hide_lightly:
+        assert rows["lightly"]["status"] != "ok"

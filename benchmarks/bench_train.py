@@ -730,6 +730,8 @@ def _scaling_worker(rank: int, world: int, port: int, cfg_name: str, batch: int,
                     threads: int, out_path: str) -> None:
     import torch.distributed as dist
 
+    from fastbyol.distributed import close_process_group
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -761,7 +763,7 @@ def _scaling_worker(rank: int, world: int, port: int, cfg_name: str, batch: int,
                 json.dump({"step_s": res[0].item(), "allreduce_s": res[1].item(),
                            "grad_bytes": sum(p.numel() * 4 for p in runner.online_params)}, fh)
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 def gloo_scaling(cfg_name: str, batch: int, warmup: int, steps: int, log=print) -> Dict:

@@ -55,8 +55,8 @@ import torch.distributed as tdist
 from .backbones import memory_format
 from .checkpoint import atomic_save, load_checkpoint
 from .config import Config
-from .distributed import (average_buffers, backend_for, barrier, broadcast_module_state, convert_sync_batchnorm,
-                          ensure_env)
+from .distributed import (average_buffers, backend_for, barrier, broadcast_module_state, close_process_group,
+                          convert_sync_batchnorm, ensure_env)
 from .engine import autocast_context
 from .errors import FastByolError
 from .optim import build_optimizer
@@ -342,9 +342,6 @@ def run_deepspeed(cfg: Config, dist: DistInfo) -> Optional[Dict]:
     """Train under DeepSpeed; the summary on rank 0, None on the other ranks."""
     summary = deepspeed_trainer(cfg, dist).fit()
     # Only after success: on an error the launcher tears the job down, and tearing the group
-    # down here could wait forever on ranks still inside a collective. The barrier keeps one
-    # rank from tearing its side down while another is still finishing its last collective
-    # (gloo then aborts that rank at exit: "terminate called without an active exception").
-    barrier()
-    tdist.destroy_process_group()
+    # down here could wait forever on ranks still inside a collective.
+    close_process_group()
     return summary if dist.is_main else None

@@ -116,3 +116,15 @@ def average_buffers(*modules: Optional[nn.Module]) -> None:
 def barrier() -> None:
     if world_size() > 1:
         tdist.barrier()
+
+
+def close_process_group() -> None:
+    """Barrier, then ``destroy_process_group``: call once, after success, on every rank.
+
+    Without the barrier a rank can tear its gloo group down while a peer is still inside
+    the last collective; that peer then aborts at exit ("terminate called without an active
+    exception", SIGABRT) and the launcher reports a finished run as failed.
+    """
+    if tdist.is_initialized():
+        barrier()
+        tdist.destroy_process_group()

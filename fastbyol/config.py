@@ -68,7 +68,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    data: Optional[str] = None  # folder of class folders, or CIFAR batches dir; None: embedded default
+    data: Optional[str] = None  # class folders, CIFAR batches dir, or webdataset .tar shards; None: embedded default
     val_data: Optional[str] = None  # labelled held-out set for kNN; None: carved from --data
     val_fraction: float = 0.1  # share of --data held out for kNN when --val-data is absent
     loader: str = "auto"  # auto | torch | dali

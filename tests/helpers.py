@@ -48,3 +48,38 @@ def add_bad_files(folder):
     with open(os.path.join(folder, "truncated.jpg"), "wb") as fh:
         fh.write(data[: len(data) // 3])
     return ["corrupt.jpg", "truncated.jpg"]
+
+
+def make_tar_shards(root, folder, shards=2, labels=True, extra=None):
+    """Pack an image folder (``make_image_folder``'s layout) into webdataset shards
+    ``root/shard-000.tar``…: per sample ``<key>.<ext>`` and, with ``labels``, ``<key>.cls``
+    holding the class number. ``extra``: ``{member name: bytes}`` appended to the last shard.
+    Returns ``(root, [(class, image bytes)] in shard order)``."""
+    import io
+    import tarfile
+
+    classes = sorted(os.listdir(folder))
+    samples = [(c, os.path.join(folder, cls, n)) for c, cls in enumerate(classes)
+               for n in sorted(os.listdir(os.path.join(folder, cls)))]
+    os.makedirs(root, exist_ok=True)
+    written = []
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    for s in range(shards):
+        with tarfile.open(os.path.join(root, f"shard-{s:03d}.tar"), "w") as tar:
+            for k in range(s, len(samples), shards):
+                c, path = samples[k]
+                data = open(path, "rb").read()
+                key = f"sample{k:05d}"
+                add(tar, f"{key}.{path.rsplit('.', 1)[1]}", data)
+                if labels:
+                    add(tar, f"{key}.cls", str(c).encode())
+                written.append((c, data))
+            if s == shards - 1:
+                for name, data in (extra or {}).items():
+                    add(tar, name, data)
+    return str(root), written

@@ -80,7 +80,7 @@ from ..augment import GRAY_WEIGHTS, sample_crop_box
 from ..config import AugmentConfig, ViewConfig
 from ..errors import FastByolError
 from .base import TwoViewBatch
-from .sources import ImageSource
+from .sources import ImageSource, read_encoded
 from .torch_loader import EpochShardSampler
 
 log = logging.getLogger("fastbyol.data")
@@ -415,8 +415,7 @@ class TwoViewFeeder:
         if i in self.known_bad:
             return None
         try:
-            with open(src.files[i], "rb") as fh:
-                data = fh.read()
+            data = read_encoded(src, i)
         except OSError:
             return None
         size = check_encoded(data)
@@ -687,8 +686,7 @@ class DaliTwoViewLoader:
         failing, pipe = [], None
         for i in indices:
             try:
-                with open(self.source.files[i], "rb") as fh:
-                    data = np.frombuffer(fh.read(), dtype=np.uint8)
+                data = np.frombuffer(read_encoded(self.source, i), dtype=np.uint8)
                 if pipe is None:
                     pipe = probe()
                     pipe.build()

@@ -11,6 +11,7 @@ at step k sees exactly the batches it would have seen.
 """
 from __future__ import annotations
 
+import io
 import logging
 from typing import Iterator, List, Optional
 
@@ -22,7 +23,7 @@ from ..augment import augment_pair, center_view, step_generator, two_crops
 from ..config import AugmentConfig
 from ..errors import FastByolError
 from .base import TwoViewBatch
-from .sources import ImageSource
+from .sources import ImageSource, read_encoded
 
 log = logging.getLogger("fastbyol.data")
 
@@ -34,7 +35,7 @@ def open_rgb(src: ImageSource, i: int):
     if src.array is not None:
         return Image.fromarray(src.array[i])
     try:
-        with Image.open(src.files[i]) as img:
+        with Image.open(io.BytesIO(read_encoded(src, i))) as img:
             return img.convert("RGB")  # grayscale, CMYK, palette, RGBA → RGB; forces a full decode
     except Exception:  # corrupt, truncated, not an image: counted by the caller
         return None

@@ -77,6 +77,19 @@ def test_shards_cover_the_data_once_per_epoch():
     assert list(s2) != seen[0]  # reshuffled every epoch
 
 
+@pytest.mark.parametrize("world,accum", [(2, 2), (4, 1), (8, 2)])
+def test_each_optimizer_step_sees_the_same_samples_whatever_the_rank_count(world, accum):
+    """Global batch 16 as 1 rank x 16, or world x accum x micro: the samples of optimizer step k
+    are the same set, so a run resumed on another number of ranks continues at the same place."""
+    def per_step(w, a):
+        micro = 16 // (w * a)
+        ranks = [list(EpochShardSampler(100, micro, 3, r, w)) for r in range(w)]
+        steps = len(ranks[0]) // (micro * a)
+        return [sorted(i for r in ranks for i in r[k * micro * a:(k + 1) * micro * a]) for k in range(steps)]
+
+    assert per_step(world, accum) == per_step(1, 1) and len(per_step(1, 1)) == 6
+
+
 def test_resume_position_replays_the_same_batches(tmp_path):
     src = scan_image_folder(make_image_folder(tmp_path / "d", classes=2, per_class=8))
     full = _loader(src, 4)

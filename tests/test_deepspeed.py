@@ -325,16 +325,18 @@ def test_fp16_overflow_skips_the_step_on_every_rank(data_dir, tmp_path):
 
 
 def test_cli_launchers_resume_exactly_and_export(data_dir, tmp_path):
-    """`deepspeed --module fastbyol train` straight to 4 steps == `torchrun -m fastbyol train` to 2, then --resume."""
+    """`deepspeed --module fastbyol train` straight to 4 steps == `torchrun -m fastbyol train` to 2, then
+    --resume; then the run goes on with one process instead of two (same global batch)."""
     from fastbyol.checkpoint import load_checkpoint
     from fastbyol.cli import main as cli
 
-    common = ("--epochs", "2", "--dist.grad_accum", "1")
-    _launch(deepspeed_launcher("--module", "fastbyol", "train", *smoke(data_dir, tmp_path / "straight", *common)))
+    common = ("--epochs", "3", "--dist.grad_accum", "1")
+    _launch(deepspeed_launcher("--module", "fastbyol", "train",
+                               *smoke(data_dir, tmp_path / "straight", *common, "--max-steps", "4")))
     _launch(torchrun("-m", "fastbyol", "train", *smoke(data_dir, tmp_path / "split", *common, "--max-steps", "2")))
     assert load_checkpoint(str(tmp_path / "split"))["step"] == 2
-    _launch(torchrun("-m", "fastbyol", "train",
-                     *smoke(data_dir, tmp_path / "split", *common, "--resume", str(tmp_path / "split"))))
+    _launch(torchrun("-m", "fastbyol", "train", *smoke(data_dir, tmp_path / "split", *common, "--max-steps", "4",
+                                                        "--resume", str(tmp_path / "split"))))
     a, b = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "split"))
     assert a["step"] == b["step"] == 4
     _assert_same(a["online"], b["online"], rtol=0, atol=0)
@@ -342,3 +344,13 @@ def test_cli_launchers_resume_exactly_and_export(data_dir, tmp_path):
     assert cli(["export", str(tmp_path / "split"), str(tmp_path / "enc.pt")]) == 0
     enc = torch.load(tmp_path / "enc.pt")
     assert enc and all(torch.equal(v, a["online"][f"encoder.{k}"]) for k, v in enc.items())
+    # Elastic resume: one process with 2 accumulation steps keeps the global batch of 16, so the
+    # schedules and the data position carry over; the run ends with its 3rd epoch.
+    one = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "fastbyol",
+           "train", *smoke(data_dir, tmp_path / "split", "--epochs", "3", "--dist.grad_accum", "2",
+                           "--deepspeed", "true", "--resume", str(tmp_path / "split"))]
+    _launch(one)
+    c = load_checkpoint(str(tmp_path / "split"))
+    assert c["step"] == 6 and c["deepspeed"]["world_size"] == 1
+    assert all(torch.isfinite(v).all() for v in c["online"].values() if v.is_floating_point())
+    assert any(not torch.equal(c["online"][k], b["online"][k]) for k in b["online"])

@@ -12,6 +12,7 @@ Examples:
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -159,3 +160,23 @@ def triton_runs_here(device: torch.device) -> bool:
     except ImportError:
         return False
     return True
+
+
+def micro_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every micro-benchmark (EMA, loss, LARS) takes; add its own before parsing."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true", help="tiny CPU smoke mode")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    return ap
+
+
+def report(result: Dict, columns: List[str], name: str, out_dir: Optional[str] = None) -> str:
+    """Print ``result["rows"]`` as a table and ``result["note"]``, write the JSON to
+    ``out_dir/name``; returns its path."""
+    print(markdown_table(result["rows"], columns))
+    for note in filter(None, (result.get("note") or "").split("; ")):
+        print(f"note: {note}")
+    path = write_json(result, name, out_dir)
+    print(f"wrote {path}")
+    return path

@@ -16,7 +16,6 @@ update from the same state, against fastbyol's).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import copy_bandwidth, markdown_table, pick_device, stamp, time_fn, triton_runs_here, write_json  # noqa: E402
+from _common import copy_bandwidth, micro_parser, pick_device, report, stamp, time_fn, triton_runs_here  # noqa: E402
 
 
 def resnet50_byol_target(device):
@@ -43,10 +42,7 @@ def small_mlp(device):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cpu", action="store_true", help="tiny CPU smoke mode")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    ap = micro_parser(__doc__)
     args = ap.parse_args(argv)
     device = pick_device(args.cpu)
     gpu = device.type == "cuda"
@@ -109,11 +105,8 @@ def main(argv=None):
               "note": "; ".join(notes) or None}
     print(f"EMA over {len(ts)} tensors, {n_params:,} parameters ({result['model']}) on {result['device']}, "
           f"median of {repeats}")
-    print(markdown_table(rows, ["method", "time_us", "GB/s", "x_floor", "ours_speedup", "max_abs_diff"]))
-    for note in notes:
-        print(f"note: {note}")
-    path = write_json(result, f"ema_{'gpu' if gpu else 'cpu'}.json", args.out)
-    print(f"wrote {path}")
+    report(result, ["method", "time_us", "GB/s", "x_floor", "ours_speedup", "max_abs_diff"],
+           f"ema_{'gpu' if gpu else 'cpu'}.json", args.out)
     return result
 
 

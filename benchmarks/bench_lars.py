@@ -22,7 +22,6 @@ CPU (``--cpu`` or no CUDA): a small convnet BYOL (0.5 M parameters), so CI can s
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Callable, Dict, List
@@ -31,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import copy_bandwidth, markdown_table, pick_device, stamp, time_fn, write_json  # noqa: E402
+from _common import copy_bandwidth, micro_parser, pick_device, report, stamp, time_fn  # noqa: E402
 from baselines import PerParameterLARS  # noqa: E402
 from fastbyol.optim import LARS, param_groups  # noqa: E402
 
@@ -86,10 +85,7 @@ def builders() -> Dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
 
 
 def main(argv=None) -> Dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cpu", action="store_true", help="tiny CPU smoke mode")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    ap = micro_parser(__doc__)
     args = ap.parse_args(argv)
     device = pick_device(args.cpu)
     gpu = device.type == "cuda"
@@ -135,9 +131,8 @@ def main(argv=None) -> Dict:
               "note": None if gpu else "CPU smoke mode: small model; timings show overheads, not GPU behaviour"}
     print(f"LARS step over {n_tensors} tensors, {n_adapted + n_excluded:,} parameters "
           f"({result['model']}) on {result['device']}, median of {repeats}")
-    print(markdown_table(rows, ["method", "time_us", "GB/s", "x_floor", "ours_speedup", "max_abs_diff"]))
-    path = write_json(result, f"lars_{'gpu' if gpu else 'cpu'}.json", args.out)
-    print(f"wrote {path}")
+    report(result, ["method", "time_us", "GB/s", "x_floor", "ours_speedup", "max_abs_diff"],
+           f"lars_{'gpu' if gpu else 'cpu'}.json", args.out)
     return result
 
 

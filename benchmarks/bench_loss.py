@@ -19,7 +19,6 @@ same mode), max_abs_diff (loss and gradients against fastbyol's).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -27,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (copy_bandwidth, cuda_graph, markdown_table, pick_device, stamp, time_fn,  # noqa: E402
-                     triton_runs_here, write_json)
+from _common import (copy_bandwidth, cuda_graph, micro_parser, pick_device, report, stamp, time_fn,  # noqa: E402
+                     triton_runs_here)
 
 
 def eager_loss(p1, p2, z1, z2):
@@ -40,12 +39,9 @@ def eager_loss(p1, p2, z1, z2):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cpu", action="store_true", help="tiny CPU smoke mode")
+    ap = micro_parser(__doc__)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--dim", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
     device = pick_device(args.cpu)
     gpu = device.type == "cuda"
@@ -106,11 +102,8 @@ def main(argv=None):
               "grads_for": ["p1", "p2"], "copy_bandwidth_GBps": bw / 1e9, "rows": rows,
               "note": "; ".join(notes) or None}
     print(f"BYOL loss fwd+bwd, B={B}, D={D} on {result['device']}, median of {repeats}")
-    print(markdown_table(rows, ["dtype", "mode", "method", "time_us", "x_floor", "ours_speedup", "max_abs_diff"]))
-    for note in notes:
-        print(f"note: {note}")
-    path = write_json(result, f"loss_{'gpu' if gpu else 'cpu'}.json", args.out)
-    print(f"wrote {path}")
+    report(result, ["dtype", "mode", "method", "time_us", "x_floor", "ours_speedup", "max_abs_diff"],
+           f"loss_{'gpu' if gpu else 'cpu'}.json", args.out)
     return result
 
 

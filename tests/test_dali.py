@@ -17,8 +17,8 @@ pytest.importorskip("nvidia.dali")
 
 from fastbyol.augment import crop_resize, gaussian_blur, grayscale, normalize, unnormalize  # noqa: E402
 from fastbyol.config import AugmentConfig, ViewConfig, preset  # noqa: E402
-from fastbyol.data.dali import (DaliTwoViewLoader, draw_sample, hue_rotation, import_dali,  # noqa: E402
-                                jitter_matrices)
+from fastbyol.data.dali import DaliTwoViewLoader, import_dali  # noqa: E402
+from fastbyol.data.dali_params import draw_sample, hue_rotation, jitter_matrices  # noqa: E402
 from fastbyol.data.sources import ImageSource, scan_image_folder  # noqa: E402
 from fastbyol.data.torch_loader import EpochShardSampler, TorchTwoViewLoader  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402

@@ -19,7 +19,7 @@ This buys three things DALI's own readers and ``fn.random.*`` cannot give:
   with the torch path's generator, so for the same seed both paths cut the same windows; DALI
   resizes them with antialiased bicubic filtering (within 1 grey level of PIL's).
 * **Bad files never stop a run.** The feeder reads each file and checks it cheaply (frame
-  header, JPEG end-of-image / PNG ``IEND`` marker: :func:`check_encoded`); unreadable files are
+  header, JPEG end-of-image / PNG ``IEND`` marker: :func:`~fastbyol.data.image_check.check_encoded`); unreadable files are
   skipped, counted (:attr:`DaliTwoViewLoader.skipped`) and logged, and the batch shrinks, as
   on the torch path.
   A file that passes the check and still fails in DALI's decoder (a corrupt Huffman table, say)
@@ -28,7 +28,8 @@ This buys three things DALI's own readers and ``fn.random.*`` cannot give:
   nothing is random inside it).
 
 Per view, in the torch path's order (:func:`fastbyol.augment.augment_view`), every choice per
-sample; parameters from :class:`~fastbyol.config.AugmentConfig`:
+sample (drawn by :mod:`fastbyol.data.dali_params`); parameters from
+:class:`~fastbyol.config.AugmentConfig`:
 
 1. random resized crop: ``fn.resize`` with a per-sample ROI (crop and resize in one pass),
    cubic, antialiased, to ``image_size``², uint8 (as the torch path's PIL crop);
@@ -42,7 +43,7 @@ sample; parameters from :class:`~fastbyol.config.AugmentConfig`:
    abs. error 0.065 against HSV at the extreme ±0.1 turn) instead of an HSV round trip;
 3. grayscale (luma 0.299/0.587/0.114) with probability ``grayscale_p``;
 4. Gaussian blur, σ ~ U(``blur_sigma``), window ``aug.blur_kernel_size`` cut to ±4σ
-   (:func:`blur_window`), reflect-101 borders (as the torch path), with probability ``blur_p``;
+   (:func:`~fastbyol.data.dali_params.blur_window`), reflect-101 borders (as the torch path), with probability ``blur_p``;
    not built when 0;
 5. solarisation (x ≥ 127.5 → 255 − x) with probability ``solarize_p``;
 6. ``fn.crop_mirror_normalize``: the horizontal flip (probability ``flip_p``; flipping last is
@@ -66,20 +67,20 @@ Examples:
 """
 from __future__ import annotations
 
-import io
 import logging
-import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 import numpy as np
 import torch
 
-from ..augment import GRAY_WEIGHTS, sample_crop_box
+from ..augment import GRAY_WEIGHTS
 from ..config import AugmentConfig, ViewConfig
 from ..errors import FastByolError
 from .base import TwoViewBatch
+from .dali_params import VIEW_COLUMNS, draw_sample, stack_draws, view_columns
+from .image_check import check_encoded
 from .sources import ImageSource, read_encoded
 from .torch_loader import EpochShardSampler
 
@@ -88,11 +89,6 @@ log = logging.getLogger("fastbyol.data")
 DALI_MISSING = ("--loader dali needs NVIDIA DALI: pip install 'fastbyol[dali]' "
                 "(nvidia-dali-cuda130, or nvidia-dali-cuda120 for CUDA 12)")
 
-# Per-view parameter inputs of the pipeline (name: DALI type name); a view feeds the subset its
-# configuration uses (:func:`view_columns`), after the image and label columns.
-VIEW_COLUMNS = {"roi_start": "FLOAT", "roi_end": "FLOAT", "flip": "INT32", "jitter_a": "FLOAT", "jitter_t": "FLOAT",
-                "gray": "BOOL", "blur": "BOOL", "sigma": "FLOAT", "window": "INT32", "solarize": "BOOL"}
-_GRAY = np.asarray(GRAY_WEIGHTS, dtype=np.float64)
 _SOLARIZE_AT = 127.5  # x/255 >= 0.5, the torch path's threshold
 
 
@@ -105,197 +101,6 @@ def import_dali():
     except ImportError:
         raise FastByolError(DALI_MISSING) from None
     return dali, fn, types
-
-
-# ----------------------------------------------------------------------------- host-side draws
-
-def hue_rotation(shift: np.ndarray) -> np.ndarray:
-    """Rotation of RGB about the grey axis by ``shift`` turns: ``[n] → [n, 3, 3]``.
-
-    Keeps grey pixels grey and the channel mean; ``shift = 1/3`` maps R→G→B exactly as an HSV
-    hue shift does (Rodrigues' formula with the unit axis (1, 1, 1)/√3).
-    """
-    theta = 2 * np.pi * np.asarray(shift, dtype=np.float64)
-    c, s = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
-    k = np.full(3, 1 / math.sqrt(3))
-    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return c * np.eye(3) + s * cross + (1 - c) * np.outer(k, k)
-
-
-def jitter_matrices(factors: np.ndarray, order: np.ndarray, apply: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Compose brightness, contrast, saturation and hue, each sample in its own order, into
-    ``y = A·x + T·m`` (``x`` a pixel's RGB, ``m`` the crop's mean RGB), before clamping.
-
-    Args:
-        factors: ``[n, 4]`` brightness, contrast, saturation factors and hue shift (turns).
-        order: ``[n, 4]`` a permutation of (0, 1, 2, 3) per sample: the op run at each stage.
-        apply: ``[n]`` bool; samples without jitter get ``A = I, T = 0``.
-
-    Returns:
-        ``A, T``: float32 ``[n, 3, 3]`` each.
-    """
-    n = len(factors)
-    eye = np.broadcast_to(np.eye(3), (n, 3, 3))
-    gray_rows = np.broadcast_to(np.outer(np.ones(3), _GRAY), (n, 3, 3))  # 1·wᵀ: luma in every channel
-    a, t = eye.copy(), np.zeros((n, 3, 3))
-    f = factors[:, :, None, None]
-    sat = f[:, 2] * eye + (1 - f[:, 2]) * gray_rows
-    hue = hue_rotation(factors[:, 3])
-    for stage in range(4):
-        op = order[:, stage][:, None, None]
-        # Each candidate is the (A, T) after running that op now; contrast blends toward the
-        # mean luma of the current image, wᵀ(A + T)·m, which is linear in m.
-        cand_a = (f[:, 0] * a, f[:, 1] * a, sat @ a, hue @ a)
-        cand_t = (f[:, 0] * t, f[:, 1] * t + (1 - f[:, 1]) * (gray_rows @ (a + t)), sat @ t, hue @ t)
-        a = np.select([op == k for k in range(4)], cand_a)
-        t = np.select([op == k for k in range(4)], cand_t)
-    keep = ~np.asarray(apply, dtype=bool)
-    a[keep], t[keep] = np.eye(3), 0.0
-    return a.astype(np.float32), t.astype(np.float32)
-
-
-def view_columns(view: ViewConfig) -> Tuple[str, ...]:
-    """The parameter inputs one view's ops read: ops with probability 0 are not built, ops
-    with probability 1 need no predicate."""
-    names = ["roi_start", "roi_end", "flip"]
-    if view.jitter_p > 0:
-        names += ["jitter_a", "jitter_t"]
-    if 0 < view.grayscale_p < 1:
-        names.append("gray")
-    if 0 < view.blur_p < 1:
-        names.append("blur")
-    if view.blur_p > 0:
-        names += ["sigma", "window"]
-    if 0 < view.solarize_p < 1:
-        names.append("solarize")
-    return tuple(names)
-
-
-@dataclass
-class ViewDraws:
-    """One view's random choices for a batch (arrays over samples)."""
-
-    boxes: np.ndarray  # [n, 4] int (top, left, h, w)
-    flip: np.ndarray  # [n] bool
-    jitter: np.ndarray  # [n] bool
-    factors: np.ndarray  # [n, 4] brightness, contrast, saturation, hue shift
-    order: np.ndarray  # [n, 4] jitter op order
-    gray: np.ndarray  # [n] bool
-    blur: np.ndarray  # [n] bool
-    sigma: np.ndarray  # [n] float
-    solarize: np.ndarray  # [n] bool
-
-    def columns(self, names: Sequence[str], kernel_size: int) -> List[List[np.ndarray]]:
-        """The pipeline inputs ``names`` (see :func:`view_columns`), one array per sample."""
-        top, left, h, w = (self.boxes[:, k].astype(np.float32) for k in range(4))
-        cols = {"roi_start": np.stack([top, left], 1), "roi_end": np.stack([top + h, left + w], 1),
-                "flip": self.flip.astype(np.int32), "gray": self.gray, "blur": self.blur,
-                "sigma": self.sigma.astype(np.float32), "window": blur_window(self.sigma, kernel_size),
-                "solarize": self.solarize}
-        if "jitter_a" in names:
-            cols["jitter_a"], cols["jitter_t"] = jitter_matrices(self.factors, self.order, self.jitter)
-        return [list(cols[n]) for n in names]
-
-
-def blur_window(sigma: np.ndarray, kernel_size: int) -> np.ndarray:
-    """Per-sample blur window: ``kernel_size`` (the torch path's), cut to ±4σ where that is
-    narrower. The weights cut off are below 3.4e-4 of the peak (6e-5 of the kernel's mass, a
-    few hundredths of a grey level), and the convolution costs ~2x less at σ ~ U(0.1, 2)."""
-    half = np.minimum(np.ceil(4 * np.asarray(sigma)), kernel_size // 2)
-    return (2 * half + 1).astype(np.int32)
-
-
-def draw_sample(rng: np.random.Generator, height: int, width: int, aug: AugmentConfig) -> Tuple[tuple, tuple]:
-    """Both views' random choices for one image, from its own generator.
-
-    The two crop boxes are drawn first, exactly as :func:`fastbyol.augment.two_crops` draws
-    them, so the DALI and torch paths crop the same windows for the same generator. Every
-    probability is tested against its own uniform draw, so the stream layout does not depend on
-    the configuration.
-    """
-    boxes = [sample_crop_box(height, width, aug.crop_scale, aug.crop_ratio, rng) for _ in range(2)]
-    views = []
-    for box, v in zip(boxes, aug.views()):
-        u = rng.random(6)
-        f = rng.random(4)
-        factors = (1 + v.brightness * (2 * f[0] - 1), 1 + v.contrast * (2 * f[1] - 1),
-                   1 + v.saturation * (2 * f[2] - 1), v.hue * (2 * f[3] - 1))
-        order = rng.permutation(4)
-        sigma = aug.blur_sigma[0] + (aug.blur_sigma[1] - aug.blur_sigma[0]) * u[5]
-        views.append((box, u[0] < v.flip_p, u[1] < v.jitter_p, factors, order, u[2] < v.grayscale_p,
-                      u[3] < v.blur_p, sigma, u[4] < v.solarize_p))
-    return tuple(views[0]), tuple(views[1])
-
-
-def stack_draws(per_sample: Sequence[tuple]) -> ViewDraws:
-    cols = list(zip(*per_sample))
-    return ViewDraws(boxes=np.asarray(cols[0], dtype=np.int64).reshape(-1, 4), flip=np.asarray(cols[1], bool),
-                     jitter=np.asarray(cols[2], bool), factors=np.asarray(cols[3], np.float64).reshape(-1, 4),
-                     order=np.asarray(cols[4], np.int64).reshape(-1, 4), gray=np.asarray(cols[5], bool),
-                     blur=np.asarray(cols[6], bool), sigma=np.asarray(cols[7], np.float64),
-                     solarize=np.asarray(cols[8], bool))
-
-
-# ----------------------------------------------------------------------------- file checks
-
-_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame (not DHT, JPG, DAC)
-
-
-def jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
-    """``(height, width)`` from a JPEG's frame header, walking the marker segments; ``None`` when
-    the segment structure is broken before the frame header. ~10x cheaper than PIL's parser."""
-    pos, n = 2, len(data)
-    while pos + 9 <= n:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in _SOF_MARKERS:
-            return int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
-        if marker == 0xD9 or marker == 0xDA:  # end of image / scan before any frame header
-            return None
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-    return None
-
-
-def check_encoded(data: bytes) -> Optional[Tuple[int, int]]:
-    """``(height, width)`` of an encoded image, or ``None`` when it is unreadable.
-
-    Cheap, no decoding: the JPEG frame header or PNG ``IHDR`` (other formats: PIL's header
-    parser); JPEGs must end their last scan with an end-of-image marker (a truncated file does
-    not: an entropy-coded segment cannot hold ``FF D9``), PNGs must hold their ``IEND`` chunk.
-    Grayscale, CMYK, palette and alpha images pass: DALI decodes them to RGB.
-    """
-    size = None
-    if data[:3] == b"\xff\xd8\xff":
-        size = jpeg_size(data)
-        if data.rfind(b"\xff\xd9", max(0, len(data) - 64)) < 0:  # no end marker at the very end:
-            sos = data.rfind(b"\xff\xda")  # then one must close the last scan (trailing junk is fine)
-            if sos < 0 or data.rfind(b"\xff\xd9") < sos:
-                return None
-    elif data[:8] == b"\x89PNG\r\n\x1a\n":
-        if data[12:16] == b"IHDR":
-            size = int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
-        if data.rfind(b"IEND") < 0:
-            return None
-    if size is None:
-        size = _pil_size(data)
-    if size is None or size[0] < 1 or size[1] < 1:
-        return None
-    return size
-
-
-def _pil_size(data: bytes) -> Optional[Tuple[int, int]]:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-    except Exception:  # not an image, unknown format, decompression bomb
-        return None
-    return height, width
 
 
 # ----------------------------------------------------------------------------- feeder
@@ -441,7 +246,7 @@ def _view(fn, types, image, p: dict, view: ViewConfig, aug: AugmentConfig, out_t
                       + fn.coord_transform(mean, M=p["jitter_t"]))
     else:
         x = fn.cast(x, dtype=types.FLOAT)
-    gray = np.outer(np.ones(3), _GRAY).astype(np.float32).ravel().tolist()  # luma into every channel
+    gray = np.outer(np.ones(3), GRAY_WEIGHTS).astype(np.float32).ravel().tolist()  # luma into every channel
     if view.grayscale_p >= 1:
         x = fn.coord_transform(x, M=gray)
     elif view.grayscale_p > 0:

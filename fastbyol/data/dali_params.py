@@ -1,0 +1,150 @@
+"""The DALI pipeline's random choices, drawn on the host per sample (pure numpy, no DALI).
+
+:func:`draw_sample` draws both views' choices for one image from its own generator (the crop
+boxes exactly as the torch path draws them); :class:`ViewDraws` turns a batch's draws into the
+pipeline's parameter inputs (:data:`VIEW_COLUMNS`), composing the four colour-jitter ops in
+each sample's random order into one affine colour transform (:func:`jitter_matrices`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+from ..augment import GRAY_WEIGHTS, sample_crop_box
+from ..config import AugmentConfig, ViewConfig
+
+# Per-view parameter inputs of the pipeline (name: DALI type name); a view feeds the subset its
+# configuration uses (:func:`view_columns`), after the image and label columns.
+VIEW_COLUMNS = {"roi_start": "FLOAT", "roi_end": "FLOAT", "flip": "INT32", "jitter_a": "FLOAT", "jitter_t": "FLOAT",
+                "gray": "BOOL", "blur": "BOOL", "sigma": "FLOAT", "window": "INT32", "solarize": "BOOL"}
+_GRAY = np.asarray(GRAY_WEIGHTS, dtype=np.float64)
+
+
+def hue_rotation(shift: np.ndarray) -> np.ndarray:
+    """Rotation of RGB about the grey axis by ``shift`` turns: ``[n] → [n, 3, 3]``.
+
+    Keeps grey pixels grey and the channel mean; ``shift = 1/3`` maps R→G→B exactly as an HSV
+    hue shift does (Rodrigues' formula with the unit axis (1, 1, 1)/√3).
+    """
+    theta = 2 * np.pi * np.asarray(shift, dtype=np.float64)
+    c, s = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
+    k = np.full(3, 1 / math.sqrt(3))
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return c * np.eye(3) + s * cross + (1 - c) * np.outer(k, k)
+
+
+def jitter_matrices(factors: np.ndarray, order: np.ndarray, apply: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Compose brightness, contrast, saturation and hue, each sample in its own order, into
+    ``y = A·x + T·m`` (``x`` a pixel's RGB, ``m`` the crop's mean RGB), before clamping.
+
+    Args:
+        factors: ``[n, 4]`` brightness, contrast, saturation factors and hue shift (turns).
+        order: ``[n, 4]`` a permutation of (0, 1, 2, 3) per sample: the op run at each stage.
+        apply: ``[n]`` bool; samples without jitter get ``A = I, T = 0``.
+
+    Returns:
+        ``A, T``: float32 ``[n, 3, 3]`` each.
+    """
+    n = len(factors)
+    eye = np.broadcast_to(np.eye(3), (n, 3, 3))
+    gray_rows = np.broadcast_to(np.outer(np.ones(3), _GRAY), (n, 3, 3))  # 1·wᵀ: luma in every channel
+    a, t = eye.copy(), np.zeros((n, 3, 3))
+    f = factors[:, :, None, None]
+    sat = f[:, 2] * eye + (1 - f[:, 2]) * gray_rows
+    hue = hue_rotation(factors[:, 3])
+    for stage in range(4):
+        op = order[:, stage][:, None, None]
+        # Each candidate is the (A, T) after running that op now; contrast blends toward the
+        # mean luma of the current image, wᵀ(A + T)·m, which is linear in m.
+        cand_a = (f[:, 0] * a, f[:, 1] * a, sat @ a, hue @ a)
+        cand_t = (f[:, 0] * t, f[:, 1] * t + (1 - f[:, 1]) * (gray_rows @ (a + t)), sat @ t, hue @ t)
+        a = np.select([op == k for k in range(4)], cand_a)
+        t = np.select([op == k for k in range(4)], cand_t)
+    keep = ~np.asarray(apply, dtype=bool)
+    a[keep], t[keep] = np.eye(3), 0.0
+    return a.astype(np.float32), t.astype(np.float32)
+
+
+def view_columns(view: ViewConfig) -> Tuple[str, ...]:
+    """The parameter inputs one view's ops read: ops with probability 0 are not built, ops
+    with probability 1 need no predicate."""
+    names = ["roi_start", "roi_end", "flip"]
+    if view.jitter_p > 0:
+        names += ["jitter_a", "jitter_t"]
+    if 0 < view.grayscale_p < 1:
+        names.append("gray")
+    if 0 < view.blur_p < 1:
+        names.append("blur")
+    if view.blur_p > 0:
+        names += ["sigma", "window"]
+    if 0 < view.solarize_p < 1:
+        names.append("solarize")
+    return tuple(names)
+
+
+@dataclass
+class ViewDraws:
+    """One view's random choices for a batch (arrays over samples)."""
+
+    boxes: np.ndarray  # [n, 4] int (top, left, h, w)
+    flip: np.ndarray  # [n] bool
+    jitter: np.ndarray  # [n] bool
+    factors: np.ndarray  # [n, 4] brightness, contrast, saturation, hue shift
+    order: np.ndarray  # [n, 4] jitter op order
+    gray: np.ndarray  # [n] bool
+    blur: np.ndarray  # [n] bool
+    sigma: np.ndarray  # [n] float
+    solarize: np.ndarray  # [n] bool
+
+    def columns(self, names: Sequence[str], kernel_size: int) -> List[List[np.ndarray]]:
+        """The pipeline inputs ``names`` (see :func:`view_columns`), one array per sample."""
+        top, left, h, w = (self.boxes[:, k].astype(np.float32) for k in range(4))
+        cols = {"roi_start": np.stack([top, left], 1), "roi_end": np.stack([top + h, left + w], 1),
+                "flip": self.flip.astype(np.int32), "gray": self.gray, "blur": self.blur,
+                "sigma": self.sigma.astype(np.float32), "window": blur_window(self.sigma, kernel_size),
+                "solarize": self.solarize}
+        if "jitter_a" in names:
+            cols["jitter_a"], cols["jitter_t"] = jitter_matrices(self.factors, self.order, self.jitter)
+        return [list(cols[n]) for n in names]
+
+
+def blur_window(sigma: np.ndarray, kernel_size: int) -> np.ndarray:
+    """Per-sample blur window: ``kernel_size`` (the torch path's), cut to ±4σ where that is
+    narrower. The weights cut off are below 3.4e-4 of the peak (6e-5 of the kernel's mass, a
+    few hundredths of a grey level), and the convolution costs ~2x less at σ ~ U(0.1, 2)."""
+    half = np.minimum(np.ceil(4 * np.asarray(sigma)), kernel_size // 2)
+    return (2 * half + 1).astype(np.int32)
+
+
+def draw_sample(rng: np.random.Generator, height: int, width: int, aug: AugmentConfig) -> Tuple[tuple, tuple]:
+    """Both views' random choices for one image, from its own generator.
+
+    The two crop boxes are drawn first, exactly as :func:`fastbyol.augment.two_crops` draws
+    them, so the DALI and torch paths crop the same windows for the same generator. Every
+    probability is tested against its own uniform draw, so the stream layout does not depend on
+    the configuration.
+    """
+    boxes = [sample_crop_box(height, width, aug.crop_scale, aug.crop_ratio, rng) for _ in range(2)]
+    views = []
+    for box, v in zip(boxes, aug.views()):
+        u = rng.random(6)
+        f = rng.random(4)
+        factors = (1 + v.brightness * (2 * f[0] - 1), 1 + v.contrast * (2 * f[1] - 1),
+                   1 + v.saturation * (2 * f[2] - 1), v.hue * (2 * f[3] - 1))
+        order = rng.permutation(4)
+        sigma = aug.blur_sigma[0] + (aug.blur_sigma[1] - aug.blur_sigma[0]) * u[5]
+        views.append((box, u[0] < v.flip_p, u[1] < v.jitter_p, factors, order, u[2] < v.grayscale_p,
+                      u[3] < v.blur_p, sigma, u[4] < v.solarize_p))
+    return tuple(views[0]), tuple(views[1])
+
+
+def stack_draws(per_sample: Sequence[tuple]) -> ViewDraws:
+    cols = list(zip(*per_sample))
+    return ViewDraws(boxes=np.asarray(cols[0], dtype=np.int64).reshape(-1, 4), flip=np.asarray(cols[1], bool),
+                     jitter=np.asarray(cols[2], bool), factors=np.asarray(cols[3], np.float64).reshape(-1, 4),
+                     order=np.asarray(cols[4], np.int64).reshape(-1, 4), gray=np.asarray(cols[5], bool),
+                     blur=np.asarray(cols[6], bool), sigma=np.asarray(cols[7], np.float64),
+                     solarize=np.asarray(cols[8], bool))

@@ -9,6 +9,7 @@ import torch
 
 from fastbyol.cli import main
 from fastbyol.config import preset
+from fastbyol.data import sources
 from fastbyol.data.sources import expand_braces, load_source, read_encoded, scan_webdataset, split_holdout
 from fastbyol.data.torch_loader import TorchTwoViewLoader, open_rgb
 from fastbyol.errors import FastByolError
@@ -16,6 +17,12 @@ from fastbyol.errors import FastByolError
 from helpers import make_image_folder, make_tar_shards
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Shard indexes are cached under $FASTBYOL_CACHE: keep each test's to itself."""
+    monkeypatch.setenv("FASTBYOL_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +161,24 @@ def test_a_shard_cut_short_keeps_its_complete_members(tmp_path, caplog):
     with pytest.raises(OSError, match="cut short"):
         read_encoded(short, 0)
     assert open_rgb(short, 0) is None
+
+
+def test_the_shard_index_is_cached_and_renewed_when_the_shard_changes(tmp_path, monkeypatch):
+    folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=3)
+    root, _ = make_tar_shards(tmp_path / "s", folder, shards=2)
+    first = scan_webdataset(root)
+    assert len(os.listdir(tmp_path / "cache" / "wds-index")) == 2
+    reads = []
+    real = sources._read_tar_index
+    monkeypatch.setattr(sources, "_read_tar_index", lambda p: reads.append(p) or real(p))
+    again = scan_webdataset(root)
+    assert reads == [] and again.files == first.files and again.labels.tolist() == first.labels.tolist()
+    assert np.array_equal(again.tar.index, first.tar.index)
+    shard = os.path.join(root, "shard-001.tar")
+    with tarfile.open(shard, "a") as tar:  # the shard grows: its index is read again, the other's not
+        tar.add(os.path.join(folder, "class0", "000.jpg"), arcname="late.jpg")
+        tar.add(_write(tmp_path / "late.cls", b"1"), arcname="late.cls")
+    grown = scan_webdataset(root)
+    assert reads == [shard] and len(grown) == len(first) + 1
+    monkeypatch.setenv("FASTBYOL_CACHE", "/proc/no-cache-here")  # unwritable: indexes are just not kept
+    assert len(scan_webdataset(root)) == len(grown)

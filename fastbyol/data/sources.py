@@ -7,6 +7,7 @@ and the DALI loaders read through :func:`read_encoded`.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -233,7 +234,7 @@ def _shard_paths(spec: str) -> List[str]:
     return shards
 
 
-def _index_tar(path: str) -> Tuple[List[Tuple[str, int, int, Optional[int]]], bool]:
+def _read_tar_index(path: str) -> Tuple[List[Tuple[str, int, int, Optional[int]]], bool]:
     """``([(member name, data offset, size, class or None)], complete)`` for every sample of a
     shard that has an image; samples are the webdataset groups of members sharing a key (the
     path up to the first dot of the file name). ``complete`` is False when the shard breaks off."""
@@ -266,6 +267,42 @@ def _index_tar(path: str) -> Tuple[List[Tuple[str, int, int, Optional[int]]], bo
             raise FastByolError(f"cannot read tar shard {path!r}: {e}") from None
         complete = False
     return [(name, off, size, classes.get(key)) for key, (name, off, size) in images.items()], complete
+
+
+def cache_root() -> str:
+    """fastbyol's cache folder: ``$FASTBYOL_CACHE``, else ``$XDG_CACHE_HOME/fastbyol`` (``~/.cache``)."""
+    return os.environ.get("FASTBYOL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastbyol")
+
+
+def _index_tar(path: str) -> Tuple[List[Tuple[str, int, int, Optional[int]]], bool]:
+    """:func:`_read_tar_index`, kept in the cache (keyed by the shard's path, size and mtime):
+    reading ImageNet's 2.5 M tar headers takes about a minute per process, a cached index
+    milliseconds, so resumed and repeated runs start at once."""
+    st = os.stat(path)
+    name = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:20] + ".npz"
+    cached = os.path.join(cache_root(), "wds-index", name)
+    stamp = np.asarray([st.st_size, st.st_mtime_ns], dtype=np.int64)
+    try:
+        with np.load(cached, allow_pickle=False) as z:
+            if np.array_equal(z["stamp"], stamp):
+                return ([(str(n), int(o), int(sz), None if c < 0 else int(c))
+                         for n, o, sz, c in zip(z["names"], z["offsets"], z["sizes"], z["classes"])],
+                        bool(z["complete"]))
+    except (OSError, KeyError, ValueError):
+        pass  # no index yet, or one from another version: read the headers
+    members, complete = _read_tar_index(path)
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        tmp = f"{cached}.{os.getpid()}.tmp.npz"  # ranks may write it at once: each its own file, then rename
+        np.savez(tmp, stamp=stamp, complete=complete, names=np.asarray([m[0] for m in members], dtype=str),
+                 offsets=np.asarray([m[1] for m in members], dtype=np.int64).reshape(-1),
+                 sizes=np.asarray([m[2] for m in members], dtype=np.int64).reshape(-1),
+                 classes=np.asarray([-1 if m[3] is None else m[3] for m in members], dtype=np.int64).reshape(-1))
+        os.replace(tmp, cached)
+    except OSError as e:  # a read-only cache costs only the next start's time
+        log.debug("cannot cache the index of %s: %s", path, e)
+    return members, complete
 
 
 def scan_webdataset(spec: str) -> ImageSource:

@@ -17,6 +17,8 @@ from typing import Callable, Dict
 
 import numpy as np
 
+from .sources import cache_root
+
 VERSION = 2
 SIZE = 32
 FREQ = (5.0, 7.0)  # pattern cycles per image side
@@ -99,9 +101,7 @@ def make_image(pattern: str, rng: np.random.Generator, size: int = SIZE) -> np.n
 
 
 def default_cache_dir() -> str:
-    base = os.environ.get("FASTBYOL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastbyol")
-    return os.path.join(base, f"textures-v{VERSION}")
+    return os.path.join(cache_root(), f"textures-v{VERSION}")
 
 
 def ensure_default_dataset(cache_dir: str | None = None, train_per_class: int = 320, val_per_class: int = 80,

@@ -213,7 +213,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = ap.parse_args(argv)
 
     from fastbyol.config import AugmentConfig, preset
-    from fastbyol.data.sources import ImageSource, scan_image_folder
+    from fastbyol.data.image_source import ImageSource
+    from fastbyol.data.sources import scan_image_folder
 
     size = 224
     if args.smoke:

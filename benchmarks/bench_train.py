@@ -71,7 +71,8 @@ from _common import RESULTS, markdown_table, stamp, sync, write_json  # noqa: E4
 from baselines import PerParameterEMA, PerParameterLARS  # noqa: E402
 
 from fastbyol.config import AugmentConfig, Config, preset  # noqa: E402
-from fastbyol.data.sources import ImageSource, load_source, scan_image_folder  # noqa: E402
+from fastbyol.data.image_source import ImageSource  # noqa: E402
+from fastbyol.data.sources import load_source, scan_image_folder  # noqa: E402
 
 TAU = 0.996  # a constant momentum: the schedule does not change the cost of a step
 WEIGHT_DECAY = 1.5e-6

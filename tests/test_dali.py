@@ -19,7 +19,8 @@ from fastbyol.augment import crop_resize, gaussian_blur, grayscale, normalize, u
 from fastbyol.config import AugmentConfig, ViewConfig, preset  # noqa: E402
 from fastbyol.data.dali import DaliTwoViewLoader, import_dali  # noqa: E402
 from fastbyol.data.dali_params import draw_sample, hue_rotation, jitter_matrices  # noqa: E402
-from fastbyol.data.sources import ImageSource, scan_image_folder  # noqa: E402
+from fastbyol.data.image_source import ImageSource  # noqa: E402
+from fastbyol.data.sources import scan_image_folder  # noqa: E402
 from fastbyol.data.torch_loader import EpochShardSampler, TorchTwoViewLoader  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 

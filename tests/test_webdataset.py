@@ -9,8 +9,10 @@ import torch
 
 from fastbyol.cli import main
 from fastbyol.config import preset
-from fastbyol.data import sources
-from fastbyol.data.sources import expand_braces, load_source, read_encoded, scan_webdataset, split_holdout
+from fastbyol.data import webdataset
+from fastbyol.data.image_source import read_encoded
+from fastbyol.data.sources import load_source, split_holdout
+from fastbyol.data.webdataset import expand_braces, scan_webdataset
 from fastbyol.data.torch_loader import TorchTwoViewLoader, open_rgb
 from fastbyol.errors import FastByolError
 
@@ -169,8 +171,8 @@ def test_the_shard_index_is_cached_and_renewed_when_the_shard_changes(tmp_path, 
     first = scan_webdataset(root)
     assert len(os.listdir(tmp_path / "cache" / "wds-index")) == 2
     reads = []
-    real = sources._read_tar_index
-    monkeypatch.setattr(sources, "_read_tar_index", lambda p: reads.append(p) or real(p))
+    real = webdataset._read_tar_index
+    monkeypatch.setattr(webdataset, "_read_tar_index", lambda p: reads.append(p) or real(p))
     again = scan_webdataset(root)
     assert reads == [] and again.files == first.files and again.labels.tolist() == first.labels.tolist()
     assert np.array_equal(again.tar.index, first.tar.index)

@@ -9,7 +9,8 @@ import torch
 from ..config import Config
 from ..errors import FastByolError
 from .base import TwoViewBatch, TwoViewLoader
-from .sources import ImageSource, load_source, split_holdout
+from .image_source import ImageSource
+from .sources import load_source, split_holdout
 
 log = logging.getLogger("fastbyol.data")
 

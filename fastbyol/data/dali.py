@@ -81,7 +81,7 @@ from ..errors import FastByolError
 from .base import TwoViewBatch
 from .dali_params import VIEW_COLUMNS, draw_sample, stack_draws, view_columns
 from .image_check import check_encoded
-from .sources import ImageSource, read_encoded
+from .image_source import ImageSource, read_encoded
 from .torch_loader import EpochShardSampler
 
 log = logging.getLogger("fastbyol.data")

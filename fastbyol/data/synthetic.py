@@ -17,7 +17,7 @@ from typing import Callable, Dict
 
 import numpy as np
 
-from .sources import cache_root
+from .image_source import cache_root
 
 VERSION = 2
 SIZE = 32

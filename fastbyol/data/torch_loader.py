@@ -23,7 +23,7 @@ from ..augment import augment_pair, center_view, step_generator, two_crops
 from ..config import AugmentConfig
 from ..errors import FastByolError
 from .base import TwoViewBatch
-from .sources import ImageSource, read_encoded
+from .image_source import ImageSource, read_encoded
 
 log = logging.getLogger("fastbyol.data")
 

@@ -65,19 +65,18 @@ def breakdown(ctx: bt.Context, repeats: int = 9) -> Dict[str, Dict[str, float]]:
     """Milliseconds per batch of each side's pieces, each alone in this process (interleaved)."""
     from torch.utils.data import default_collate
 
-    from fastbyol.augment import augment_pair, step_generator
-    from fastbyol.data.torch_loader import TwoCropDataset, collate_crops
+    from fastbyol.augment import augment_pair
+    from fastbyol.data.torch_loader import TwoCropDataset, collate_two_crops
 
     b, src, cfg = ctx.batch, ctx.source, ctx.cfg
     idx = list(range(b))
     pieces: Dict[str, Callable[[], object]] = {}
     ds = TwoCropDataset(src, cfg.augment, ctx.seed)
     pieces["fastbyol|host: decode + 2 random-resized crops + collate (per batch, 1 process)"] = \
-        lambda: collate_crops([ds[i] for i in idx])
-    crops = collate_crops([ds[i] for i in idx])[0]
-    g = step_generator(ctx.device, 0, 0)
+        lambda: collate_two_crops([ds[i] for i in idx])
+    crops, _, _, draws = collate_two_crops([ds[i] for i in idx])
     pieces["fastbyol|batched photometric augmentation (augment_pair; in the workers on CPU)"] = \
-        lambda: augment_pair(crops, cfg.augment, g, torch.float32, True)
+        lambda: augment_pair(crops, cfg.augment, draws, torch.float32, True)
     fb = bt.FastByolRunner(ctx, loader="synthetic")  # compute pieces, on pre-made views
     v1, v2 = fb.views
     pieces["fastbyol|forward + backward (4 forwards, fused-loss reference)"] = \

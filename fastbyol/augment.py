@@ -1,17 +1,23 @@
 """BYOL's two asymmetric views (BYOL_SPEC, "Augmentations"), split where it is cheapest.
 
-* Geometry, per image, on the host while decoding: :func:`sample_crop_box` +
-  :func:`decode_two_crops` (random resized crop, bicubic, straight from the file).
-* Photometry, batched on the training device: :func:`augment_view` applies flip,
-  colour jitter (random order), grayscale, Gaussian blur, solarisation and normalisation
-  to a whole uint8 batch, every random choice drawn per sample.
+* The random choices, per image, on the host: :func:`draw_sample` draws both views' crop
+  boxes and every photometric choice from the image's own generator, seeded by
+  ``(seed, epoch, index)``. Both data paths use these draws, so for a given seed the torch and
+  the DALI paths make the same choices for every image, whatever the number of ranks, and a
+  resumed run replays them.
+* Geometry, per image, on the host while decoding: :func:`crop_resize` (random resized crop,
+  bicubic).
+* Photometry, batched on the training device: :func:`augment_view` applies flip, colour
+  jitter (random order), grayscale, Gaussian blur, solarisation and normalisation to a whole
+  uint8 batch, following each sample's draws.
 
-The DALI path (:mod:`fastbyol.data.dali`) reads the same :class:`AugmentConfig`.
+The DALI path (:mod:`fastbyol.data.dali`) reads the same :class:`AugmentConfig` and draws.
 """
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from dataclasses import dataclass, fields
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
@@ -61,11 +67,78 @@ def crop_resize(img, box: Tuple[int, int, int, int], size: int) -> np.ndarray:
     return np.array(out, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def two_crops(img, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """Both views' random resized crops of one RGB PIL image: uint8 ``[2, 3, S, S]``."""
+# ----------------------------------------------------------------------------- random choices (host)
+
+@dataclass
+class ViewDraws:
+    """One view's random choices for a batch: numpy arrays over samples (:func:`stack_draws`),
+    or tensors on the training device (:meth:`to`)."""
+
+    boxes: np.ndarray  # [n, 4] int (top, left, h, w) of the random resized crop
+    flip: np.ndarray  # [n] bool
+    jitter: np.ndarray  # [n] bool: colour jitter applied
+    factors: np.ndarray  # [n, 4] brightness, contrast, saturation factors, hue shift (turns)
+    order: np.ndarray  # [n, 4] the jitter op run at each stage (a permutation of 0..3)
+    gray: np.ndarray  # [n] bool
+    blur: np.ndarray  # [n] bool
+    sigma: np.ndarray  # [n] blur sigma in pixels
+    solarize: np.ndarray  # [n] bool
+
+    def to(self, device: torch.device) -> "ViewDraws":
+        """As tensors on ``device`` (floats as float32, the views' compute dtype)."""
+        def conv(a):
+            t = torch.as_tensor(a)
+            return t.to(device, torch.float32 if t.is_floating_point() else t.dtype, non_blocking=True)
+
+        return ViewDraws(**{f.name: conv(getattr(self, f.name)) for f in fields(self)})
+
+
+def draw_sample(rng: np.random.Generator, height: int, width: int, aug: AugmentConfig) -> Tuple[tuple, tuple]:
+    """Both views' random choices for one ``height`` x ``width`` image, from its own generator:
+    ``(view 1, view 2)``, each ``(box, flip, jitter, factors, order, gray, blur, sigma, solarize)``.
+
+    The two crop boxes come first. Every probability is tested against its own uniform draw, so
+    the stream layout does not depend on the configuration. Factors are uniform in
+    ``[1 - s, 1 + s]`` (hue: ``[-h, h]`` turns) as torchvision's ColorJitter; the op order is a
+    uniform permutation.
+    """
+    boxes = [sample_crop_box(height, width, aug.crop_scale, aug.crop_ratio, rng) for _ in range(2)]
+    views = []
+    for box, v in zip(boxes, aug.views()):
+        u = rng.random(6)
+        f = rng.random(4)
+        factors = (1 + v.brightness * (2 * f[0] - 1), 1 + v.contrast * (2 * f[1] - 1),
+                   1 + v.saturation * (2 * f[2] - 1), v.hue * (2 * f[3] - 1))
+        order = rng.permutation(4)
+        sigma = aug.blur_sigma[0] + (aug.blur_sigma[1] - aug.blur_sigma[0]) * u[5]
+        views.append((box, u[0] < v.flip_p, u[1] < v.jitter_p, factors, order, u[2] < v.grayscale_p,
+                      u[3] < v.blur_p, sigma, u[4] < v.solarize_p))
+    return tuple(views[0]), tuple(views[1])
+
+
+def stack_draws(per_sample: Sequence[tuple]) -> ViewDraws:
+    """One view's :func:`draw_sample` tuples for a batch, as arrays over samples."""
+    cols = list(zip(*per_sample))
+    return ViewDraws(boxes=np.asarray(cols[0], dtype=np.int64).reshape(-1, 4), flip=np.asarray(cols[1], bool),
+                     jitter=np.asarray(cols[2], bool), factors=np.asarray(cols[3], np.float64).reshape(-1, 4),
+                     order=np.asarray(cols[4], np.int64).reshape(-1, 4), gray=np.asarray(cols[5], bool),
+                     blur=np.asarray(cols[6], bool), sigma=np.asarray(cols[7], np.float64),
+                     solarize=np.asarray(cols[8], bool))
+
+
+def draw_batch(n: int, height: int, width: int, aug: AugmentConfig, seed: int = 0) -> Tuple[ViewDraws, ViewDraws]:
+    """Draws for ``n`` images of one size, image ``i`` from ``default_rng((seed, i))``
+    (tests, benchmarks; the loaders seed by ``(seed, epoch, index)``)."""
+    pairs = [draw_sample(np.random.default_rng((seed, i)), height, width, aug) for i in range(n)]
+    return stack_draws([p[0] for p in pairs]), stack_draws([p[1] for p in pairs])
+
+
+def two_crops(img, cfg: AugmentConfig, rng: np.random.Generator) -> Tuple[np.ndarray, tuple, tuple]:
+    """Both views' random resized crops of one RGB PIL image, uint8 ``[2, 3, S, S]``, and the
+    two views' draws (:func:`draw_sample`) they were cut with."""
     width, height = img.size
-    boxes = [sample_crop_box(height, width, cfg.crop_scale, cfg.crop_ratio, rng) for _ in range(2)]
-    return np.stack([crop_resize(img, b, cfg.image_size) for b in boxes])
+    v1, v2 = draw_sample(rng, height, width, cfg)
+    return np.stack([crop_resize(img, v[0], cfg.image_size) for v in (v1, v2)]), v1, v2
 
 
 def center_view(img, size: int) -> np.ndarray:
@@ -85,14 +158,6 @@ def center_view(img, size: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- photometry (device)
-
-def _rand(n: int, g: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(n, generator=g, device=device)
-
-
-def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
-    return lo + (hi - lo) * _rand(n, g, device)
-
 
 def _per_sample(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
@@ -175,24 +240,16 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.where(_per_sample(shift != 0), out, x)
 
 
-def color_jitter(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast, saturation and hue, each sample in its own random order,
-    applied to a ``jitter_p`` share of samples (torchvision ColorJitter semantics)."""
-    n, dev = x.shape[0], x.device
-    apply = _rand(n, g, dev) < view.jitter_p
+def color_jitter(x: torch.Tensor, view: ViewConfig, d: ViewDraws) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue, each sample in its own order (``d.order``)
+    with its own factors (``d.factors``), for the samples with ``d.jitter`` (torchvision
+    ColorJitter semantics)."""
     ops = (_brightness, _contrast, _saturation, adjust_hue)
-    factors = (
-        _uniform(n, 1 - view.brightness, 1 + view.brightness, g, dev),
-        _uniform(n, 1 - view.contrast, 1 + view.contrast, g, dev),
-        _uniform(n, 1 - view.saturation, 1 + view.saturation, g, dev),
-        _uniform(n, -view.hue, view.hue, g, dev),
-    )
-    order = torch.argsort(torch.rand(n, 4, generator=g, device=dev), dim=1)
     for stage in range(4):
         for k, op in enumerate(ops):
             if k == 3 and view.hue == 0:
                 continue
-            x = apply_where(apply & (order[:, stage] == k), op, x, factors[k])
+            x = apply_where(d.jitter & (d.order[:, stage] == k), op, x, d.factors[:, k])
     return x
 
 
@@ -218,33 +275,27 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     return y.view(n, c, h, w)
 
 
-def augment_view(x: torch.Tensor, view: ViewConfig, cfg: AugmentConfig, g: torch.Generator,
+def augment_view(x: torch.Tensor, view: ViewConfig, cfg: AugmentConfig, d: ViewDraws,
                  out_dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
-    """Photometric half of one BYOL view, batched, every choice per sample.
+    """Photometric half of one BYOL view, batched, following each sample's draws.
 
     Args:
         x: uint8 ``[B, 3, S, S]`` crops, on the training device.
-        view: the view's probabilities (``cfg.view1`` or ``cfg.view2``).
-        g: a generator on ``x.device``; the result is a function of its state.
+        view: the view's configuration (``cfg.view1`` or ``cfg.view2``).
+        d: this view's draws for the batch, as tensors on ``x.device`` (:meth:`ViewDraws.to`).
 
     Returns:
         Normalised ``[B, 3, S, S]`` tensor of ``out_dtype``.
     """
-    n, dev = x.shape[0], x.device
     x = x.float().div_(255.0)
-    flip = _rand(n, g, dev) < view.flip_p
-    x = torch.where(_per_sample(flip), x.flip(3), x)
+    x = torch.where(_per_sample(d.flip), x.flip(3), x)
     if view.jitter_p > 0:
-        x = color_jitter(x, view, g)
-    gray = _rand(n, g, dev) < view.grayscale_p
-    x = torch.where(_per_sample(gray), grayscale(x).expand_as(x), x)
+        x = color_jitter(x, view, d)
+    x = torch.where(_per_sample(d.gray), grayscale(x).expand_as(x), x)
     if view.blur_p > 0:
-        blur = _rand(n, g, dev) < view.blur_p
-        sigma = _uniform(n, cfg.blur_sigma[0], cfg.blur_sigma[1], g, dev)
-        x = apply_where(blur, lambda xs, s: gaussian_blur(xs, s, cfg.blur_kernel_size), x, sigma)
+        x = apply_where(d.blur, lambda xs, s: gaussian_blur(xs, s, cfg.blur_kernel_size), x, d.sigma)
     if view.solarize_p > 0:
-        sol = _rand(n, g, dev) < view.solarize_p
-        x = torch.where(_per_sample(sol) & (x >= 0.5), 1.0 - x, x)
+        x = torch.where(_per_sample(d.solarize) & (x >= 0.5), 1.0 - x, x)
     x = normalize(x, cfg)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -258,20 +309,14 @@ def normalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
     return (x - mean) / std
 
 
-def augment_pair(crops: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
+def augment_pair(crops: torch.Tensor, cfg: AugmentConfig, draws: Tuple[ViewDraws, ViewDraws],
                  out_dtype: torch.dtype = torch.float32, channels_last: bool = False
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Both views from uint8 crops ``[B, 2, 3, S, S]`` (view 1 crop, view 2 crop)."""
-    return (augment_view(crops[:, 0], cfg.view1, cfg, g, out_dtype, channels_last),
-            augment_view(crops[:, 1], cfg.view2, cfg, g, out_dtype, channels_last))
-
-
-def step_generator(device: torch.device, seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """The augmentation generator for one training step: a pure function of
-    (seed, step, rank), so resuming at step k replays exactly the same views."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 63 - 1))
-    return g
+    """Both views from uint8 crops ``[B, 2, 3, S, S]`` (view 1 crop, view 2 crop) and the two
+    views' draws (numpy or tensors; moved to the crops' device)."""
+    d1, d2 = (d.to(crops.device) for d in draws)
+    return (augment_view(crops[:, 0], cfg.view1, cfg, d1, out_dtype, channels_last),
+            augment_view(crops[:, 1], cfg.view2, cfg, d2, out_dtype, channels_last))
 
 
 def unnormalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
@@ -282,6 +327,7 @@ def unnormalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
 
 
 __all__ = [
-    "sample_crop_box", "crop_resize", "two_crops", "center_view", "augment_view", "augment_pair",
-    "color_jitter", "gaussian_blur", "grayscale", "adjust_hue", "normalize", "unnormalize", "step_generator",
+    "ViewDraws", "draw_sample", "stack_draws", "draw_batch", "sample_crop_box", "crop_resize", "two_crops",
+    "center_view", "augment_view", "augment_pair", "color_jitter", "gaussian_blur", "grayscale", "adjust_hue",
+    "normalize", "unnormalize",
 ]

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastbyol.augment import augment_pair, augment_view, gaussian_blur, sample_crop_box, step_generator, two_crops, unnormalize
+from fastbyol.augment import (augment_pair, augment_view, draw_batch, draw_sample, gaussian_blur, sample_crop_box,
+                              two_crops, unnormalize)
 from fastbyol.config import AugmentConfig, ViewConfig, preset
 
 N = 2000  # samples per frequency estimate: binomial std <= 0.011
@@ -18,8 +19,11 @@ def only(**kw):
 
 
 def _raw(view, x, seed=0, cfg=None):
+    """``view`` applied to the batch ``x`` with draws made for it (as view 1 of ``cfg``)."""
     cfg = cfg or AugmentConfig(image_size=x.shape[-1])
-    out = augment_view(x, view, cfg, step_generator(torch.device("cpu"), seed, 0))
+    cfg = AugmentConfig(**{**cfg.__dict__, "view1": view})
+    draws = draw_batch(x.shape[0], x.shape[-2], x.shape[-1], cfg, seed)[0]
+    out = augment_view(x, view, cfg, draws.to(x.device))
     return unnormalize(out, cfg)
 
 
@@ -30,7 +34,7 @@ def _const(rgb, n=N, size=6):
 def test_output_shape_dtype_and_normalisation():
     cfg = AugmentConfig(image_size=16)
     crops = torch.randint(0, 256, (64, 2, 3, 16, 16), dtype=torch.uint8)
-    v1, v2 = augment_pair(crops, cfg, step_generator(torch.device("cpu"), 0, 0))
+    v1, v2 = augment_pair(crops, cfg, draw_batch(64, 16, 16, cfg))
     assert v1.shape == v2.shape == (64, 3, 16, 16) and v1.dtype == torch.float32
     for v in (v1, v2):
         raw = unnormalize(v, cfg)
@@ -87,14 +91,31 @@ def test_hue_rotation_keeps_gray_and_moves_colour():
     assert (red[:, 1] - red[:, 2]).abs().amax() > 0.05  # hue moved off pure red for some samples
 
 
-def test_views_are_a_function_of_the_step_seed():
+def test_views_are_a_function_of_each_images_draws():
+    """A sample's views depend on its own draws only: not on the seed of other samples, nor on
+    which batch (or rank) it lands in."""
     crops = torch.randint(0, 256, (8, 2, 3, 8, 8), dtype=torch.uint8)
     cfg = AugmentConfig(image_size=8)
-    a = augment_pair(crops, cfg, step_generator(torch.device("cpu"), 3, 5))
-    b = augment_pair(crops, cfg, step_generator(torch.device("cpu"), 3, 5))
-    c = augment_pair(crops, cfg, step_generator(torch.device("cpu"), 3, 6))
+    a = augment_pair(crops, cfg, draw_batch(8, 8, 8, cfg, seed=3))
+    b = augment_pair(crops, cfg, draw_batch(8, 8, 8, cfg, seed=3))
+    c = augment_pair(crops, cfg, draw_batch(8, 8, 8, cfg, seed=4))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
+    d1, d2 = draw_batch(8, 8, 8, cfg, seed=3)
+    half = [type(d)(**{k: v[4:] for k, v in d.__dict__.items()}) for d in (d1, d2)]
+    tail = augment_pair(crops[4:], cfg, half)  # the same samples, alone in a smaller batch
+    assert torch.equal(tail[0], a[0][4:]) and torch.equal(tail[1], a[1][4:])
+
+
+def test_draws_layout_does_not_depend_on_the_configuration():
+    """Each probability has its own uniform draw: switching one op off changes no other choice."""
+    paper = AugmentConfig()
+    no_flip = AugmentConfig(view1=ViewConfig(flip_p=0.0), view2=ViewConfig(flip_p=0.0, blur_p=0.1, solarize_p=0.2))
+    a = draw_sample(np.random.default_rng(5), 40, 50, paper)
+    b = draw_sample(np.random.default_rng(5), 40, 50, no_flip)
+    for va, vb in zip(a, b):
+        assert va[0] == vb[0] and not vb[1]  # same box; no flip
+        assert va[2] == vb[2] and va[3] == vb[3] and np.array_equal(va[4], vb[4]) and va[5:] == vb[5:]
 
 
 def test_gaussian_blur_matches_dense_reference():
@@ -127,35 +148,35 @@ def test_two_crops_differ_and_have_the_configured_size():
     from PIL import Image
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
-    crops = two_crops(img, preset("smoke").augment, np.random.default_rng(1))
+    crops, v1, v2 = two_crops(img, preset("smoke").augment, np.random.default_rng(1))
+    assert v1[0] != v2[0]  # the two views' boxes, drawn first by draw_sample
     assert crops.shape == (2, 3, 16, 16) and crops.dtype == np.uint8
     assert not np.array_equal(crops[0], crops[1])
 
 
 def test_color_jitter_matches_torchvision_per_sample():
     """Each sample: the ops in its own drawn order, with its own factors, exactly as
-    torchvision's functional ops apply them (replaying the generator's draws)."""
+    torchvision's functional ops apply them."""
     import torchvision.transforms.functional as TF
 
     from fastbyol.augment import color_jitter
 
     n = 24
     x = torch.rand(n, 3, 5, 7)
-    view = ViewConfig(jitter_p=0.8)
-    out = color_jitter(x, view, torch.Generator().manual_seed(7))
-    g = torch.Generator().manual_seed(7)
-    apply = torch.rand(n, generator=g) < view.jitter_p
-    spans = [(1 - view.brightness, 1 + view.brightness), (1 - view.contrast, 1 + view.contrast),
-             (1 - view.saturation, 1 + view.saturation), (-view.hue, view.hue)]
-    factors = [lo + (hi - lo) * torch.rand(n, generator=g) for lo, hi in spans]
-    order = torch.argsort(torch.rand(n, 4, generator=g), dim=1)
+    cfg = AugmentConfig(image_size=7)
+    view = cfg.view1
+    d = draw_batch(n, 5, 7, cfg, seed=7)[0]
+    out = color_jitter(x, view, d.to(x.device))
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
-    assert 0 < apply.sum() < n
+    assert 0 < d.jitter.sum() < n and len({tuple(o) for o in d.order.tolist()}) > 3
+    lo = np.array([1 - view.brightness, 1 - view.contrast, 1 - view.saturation, -view.hue])
+    hi = np.array([1 + view.brightness, 1 + view.contrast, 1 + view.saturation, view.hue])
+    assert (d.factors >= lo).all() and (d.factors <= hi).all()
     for i in range(n):
         ref = x[i]
-        if apply[i]:
-            for k in order[i].tolist():
-                ref = ops[k](ref, factors[k][i].item())
+        if d.jitter[i]:
+            for k in d.order[i].tolist():
+                ref = ops[k](ref, float(np.float32(d.factors[i, k])))
         torch.testing.assert_close(out[i], ref, atol=1e-4, rtol=0)  # fp32 HSV round trips; 1/255 = 4e-3
 
 
@@ -166,8 +187,9 @@ def test_masked_ops_give_the_same_views_on_the_cuda_strategy(monkeypatch):
 
     crops = torch.randint(0, 256, (32, 2, 3, 9, 9), dtype=torch.uint8)
     cfg = AugmentConfig(image_size=9)
-    subset = augment_pair(crops, cfg, step_generator(torch.device("cpu"), 1, 2))
+    draws = draw_batch(32, 9, 9, cfg, seed=1)
+    subset = augment_pair(crops, cfg, draws)
     monkeypatch.setattr(A, "apply_where", lambda mask, op, x, f: torch.where(A._per_sample(mask), op(x, f), x))
-    whole = augment_pair(crops, cfg, step_generator(torch.device("cpu"), 1, 2))
+    whole = augment_pair(crops, cfg, draws)
     for a, b in zip(subset, whole):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -15,9 +15,10 @@ This buys three things DALI's own readers and ``fn.random.*`` cannot give:
   that advance through the run (a shuffle buffer, or ``shuffle_after_epoch``; per-operator
   RNGs): reaching epoch ``e`` step ``k`` means replaying the run or saving DALI's own
   checkpoint blob next to ours, and the order would differ from the torch path's.
-* **The torch path's crops.** The crop boxes come from :func:`fastbyol.augment.sample_crop_box`
-  with the torch path's generator, so for the same seed both paths cut the same windows; DALI
-  resizes them with antialiased bicubic filtering (within 1 grey level of PIL's).
+* **The torch path's choices.** The draws are :func:`fastbyol.augment.draw_sample`'s, the
+  torch path's, so for the same seed both paths cut the same windows and make the same flip,
+  jitter, grayscale, blur and solarisation choices for every image; DALI resizes with
+  antialiased bicubic filtering (within 1 grey level of PIL's).
 * **Bad files never stop a run.** The feeder reads each file and checks it cheaply (frame
   header, JPEG end-of-image / PNG ``IEND`` marker: :func:`~fastbyol.data.image_check.check_encoded`); unreadable files are
   skipped, counted (:attr:`DaliTwoViewLoader.skipped`) and logged, and the batch shrinks, as
@@ -28,7 +29,8 @@ This buys three things DALI's own readers and ``fn.random.*`` cannot give:
   nothing is random inside it).
 
 Per view, in the torch path's order (:func:`fastbyol.augment.augment_view`), every choice per
-sample (drawn by :mod:`fastbyol.data.dali_params`); parameters from
+sample (from :func:`fastbyol.augment.draw_sample`, turned into pipeline inputs by
+:mod:`fastbyol.data.dali_params`); parameters from
 :class:`~fastbyol.config.AugmentConfig`:
 
 1. random resized crop: ``fn.resize`` with a per-sample ROI (crop and resize in one pass),
@@ -75,11 +77,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set
 import numpy as np
 import torch
 
-from ..augment import GRAY_WEIGHTS
+from ..augment import GRAY_WEIGHTS, draw_sample, stack_draws
 from ..config import AugmentConfig, ViewConfig
 from ..errors import FastByolError
 from .base import TwoViewBatch
-from .dali_params import VIEW_COLUMNS, draw_sample, stack_draws, view_columns
+from .dali_params import VIEW_COLUMNS, dali_columns, view_columns
 from .image_check import check_encoded
 from .image_source import ImageSource, read_encoded
 from .torch_loader import EpochShardSampler
@@ -208,7 +210,7 @@ class TwoViewFeeder:
         labels = list(self.source.labels[good_idx].astype(np.int64).reshape(-1, 1))
         v1, v2 = stack_draws([d[0] for d in draws]), stack_draws([d[1] for d in draws])
         k = self.aug.blur_kernel_size
-        cols = v1.columns(view_columns(self.aug.view1), k) + v2.columns(view_columns(self.aug.view2), k)
+        cols = dali_columns(v1, view_columns(self.aug.view1), k) + dali_columns(v2, view_columns(self.aug.view2), k)
         return FedBatch(step, good_idx, bad, [images, labels] + cols)
 
     def _load(self, i: int):

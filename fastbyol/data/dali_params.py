@@ -1,20 +1,19 @@
-"""The DALI pipeline's random choices, drawn on the host per sample (pure numpy, no DALI).
+"""The DALI pipeline's parameter inputs, from the per-sample draws both paths share
+(:func:`fastbyol.augment.draw_sample`); pure numpy, no DALI.
 
-:func:`draw_sample` draws both views' choices for one image from its own generator (the crop
-boxes exactly as the torch path draws them); :class:`ViewDraws` turns a batch's draws into the
-pipeline's parameter inputs (:data:`VIEW_COLUMNS`), composing the four colour-jitter ops in
-each sample's random order into one affine colour transform (:func:`jitter_matrices`).
+:func:`dali_columns` turns one view's draws for a batch into the pipeline's inputs
+(:data:`VIEW_COLUMNS`), composing the four colour-jitter ops in each sample's random order into
+one affine colour transform (:func:`jitter_matrices`).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from ..augment import GRAY_WEIGHTS, sample_crop_box
-from ..config import AugmentConfig, ViewConfig
+from ..augment import GRAY_WEIGHTS, ViewDraws
+from ..config import ViewConfig
 
 # Per-view parameter inputs of the pipeline (name: DALI type name); a view feeds the subset its
 # configuration uses (:func:`view_columns`), after the image and label columns.
@@ -85,30 +84,17 @@ def view_columns(view: ViewConfig) -> Tuple[str, ...]:
     return tuple(names)
 
 
-@dataclass
-class ViewDraws:
-    """One view's random choices for a batch (arrays over samples)."""
-
-    boxes: np.ndarray  # [n, 4] int (top, left, h, w)
-    flip: np.ndarray  # [n] bool
-    jitter: np.ndarray  # [n] bool
-    factors: np.ndarray  # [n, 4] brightness, contrast, saturation, hue shift
-    order: np.ndarray  # [n, 4] jitter op order
-    gray: np.ndarray  # [n] bool
-    blur: np.ndarray  # [n] bool
-    sigma: np.ndarray  # [n] float
-    solarize: np.ndarray  # [n] bool
-
-    def columns(self, names: Sequence[str], kernel_size: int) -> List[List[np.ndarray]]:
-        """The pipeline inputs ``names`` (see :func:`view_columns`), one array per sample."""
-        top, left, h, w = (self.boxes[:, k].astype(np.float32) for k in range(4))
-        cols = {"roi_start": np.stack([top, left], 1), "roi_end": np.stack([top + h, left + w], 1),
-                "flip": self.flip.astype(np.int32), "gray": self.gray, "blur": self.blur,
-                "sigma": self.sigma.astype(np.float32), "window": blur_window(self.sigma, kernel_size),
-                "solarize": self.solarize}
-        if "jitter_a" in names:
-            cols["jitter_a"], cols["jitter_t"] = jitter_matrices(self.factors, self.order, self.jitter)
-        return [list(cols[n]) for n in names]
+def dali_columns(d: ViewDraws, names: Sequence[str], kernel_size: int) -> List[List[np.ndarray]]:
+    """The pipeline inputs ``names`` (see :func:`view_columns`) of one view's draws, one
+    array per sample."""
+    top, left, h, w = (d.boxes[:, k].astype(np.float32) for k in range(4))
+    cols = {"roi_start": np.stack([top, left], 1), "roi_end": np.stack([top + h, left + w], 1),
+            "flip": d.flip.astype(np.int32), "gray": d.gray, "blur": d.blur,
+            "sigma": d.sigma.astype(np.float32), "window": blur_window(d.sigma, kernel_size),
+            "solarize": d.solarize}
+    if "jitter_a" in names:
+        cols["jitter_a"], cols["jitter_t"] = jitter_matrices(d.factors, d.order, d.jitter)
+    return [list(cols[n]) for n in names]
 
 
 def blur_window(sigma: np.ndarray, kernel_size: int) -> np.ndarray:
@@ -117,34 +103,3 @@ def blur_window(sigma: np.ndarray, kernel_size: int) -> np.ndarray:
     few hundredths of a grey level), and the convolution costs ~2x less at σ ~ U(0.1, 2)."""
     half = np.minimum(np.ceil(4 * np.asarray(sigma)), kernel_size // 2)
     return (2 * half + 1).astype(np.int32)
-
-
-def draw_sample(rng: np.random.Generator, height: int, width: int, aug: AugmentConfig) -> Tuple[tuple, tuple]:
-    """Both views' random choices for one image, from its own generator.
-
-    The two crop boxes are drawn first, exactly as :func:`fastbyol.augment.two_crops` draws
-    them, so the DALI and torch paths crop the same windows for the same generator. Every
-    probability is tested against its own uniform draw, so the stream layout does not depend on
-    the configuration.
-    """
-    boxes = [sample_crop_box(height, width, aug.crop_scale, aug.crop_ratio, rng) for _ in range(2)]
-    views = []
-    for box, v in zip(boxes, aug.views()):
-        u = rng.random(6)
-        f = rng.random(4)
-        factors = (1 + v.brightness * (2 * f[0] - 1), 1 + v.contrast * (2 * f[1] - 1),
-                   1 + v.saturation * (2 * f[2] - 1), v.hue * (2 * f[3] - 1))
-        order = rng.permutation(4)
-        sigma = aug.blur_sigma[0] + (aug.blur_sigma[1] - aug.blur_sigma[0]) * u[5]
-        views.append((box, u[0] < v.flip_p, u[1] < v.jitter_p, factors, order, u[2] < v.grayscale_p,
-                      u[3] < v.blur_p, sigma, u[4] < v.solarize_p))
-    return tuple(views[0]), tuple(views[1])
-
-
-def stack_draws(per_sample: Sequence[tuple]) -> ViewDraws:
-    cols = list(zip(*per_sample))
-    return ViewDraws(boxes=np.asarray(cols[0], dtype=np.int64).reshape(-1, 4), flip=np.asarray(cols[1], bool),
-                     jitter=np.asarray(cols[2], bool), factors=np.asarray(cols[3], np.float64).reshape(-1, 4),
-                     order=np.asarray(cols[4], np.int64).reshape(-1, 4), gray=np.asarray(cols[5], bool),
-                     blur=np.asarray(cols[6], bool), sigma=np.asarray(cols[7], np.float64),
-                     solarize=np.asarray(cols[8], bool))

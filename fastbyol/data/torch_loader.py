@@ -1,13 +1,14 @@
 """The torch data path: DataLoader workers decode and crop, the device does the rest.
 
-Each worker item is one whole batch (``(step, indices)`` from :class:`StepBatches`). Workers
-return both views' uint8 crops (4× less host→device traffic than floats); the photometric
-half of the augmentation runs batched on the training device
+Each worker item is one whole batch (a list of indices from a ``BatchSampler``). Workers
+draw every random choice of both views per image (:func:`fastbyol.augment.draw_sample`, from
+``(seed, epoch, index)``), cut the two uint8 crops (4× less host→device traffic than floats)
+and return them with the draws; the photometric half runs batched on the training device
 (:func:`fastbyol.augment.augment_pair`). When the training device *is* the CPU, the workers
-run that half too, so it overlaps with compute instead of adding to every step. Every random
-draw is a pure function of ``(seed, epoch, index)`` on the host and ``(seed, step, rank)``
-for the batched half, so both placements give the same views, and an interrupted run resumed
-at step k sees exactly the batches it would have seen.
+run that half too, so it overlaps with compute instead of adding to every step. Since the
+views are a function of ``(seed, epoch, index)`` alone, both placements give the same views,
+an interrupted run resumed at step k sees exactly the batches it would have seen, the number
+of ranks does not change them, and the DALI path makes the same choices.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from ..augment import augment_pair, center_view, step_generator, two_crops
+from ..augment import augment_pair, center_view, stack_draws, two_crops
 from ..config import AugmentConfig
 from ..errors import FastByolError
 from .base import TwoViewBatch
@@ -42,9 +43,10 @@ def open_rgb(src: ImageSource, i: int):
 
 
 class TwoCropDataset(Dataset):
-    """Both views' random resized crops of sample ``i``: uint8 ``[2, 3, S, S]``.
+    """Sample ``i`` as both views' random resized crops, uint8 ``[2, 3, S, S]``, its label and
+    both views' draws.
 
-    Unreadable files yield ``None`` (dropped by :func:`collate_crops` and counted).
+    Unreadable files yield ``None`` (dropped by :func:`collate_two_crops` and counted).
     """
 
     def __init__(self, source: ImageSource, aug: AugmentConfig, seed: int):
@@ -56,9 +58,20 @@ class TwoCropDataset(Dataset):
     def __getitem__(self, i: int):
         img = open_rgb(self.source, i)
         if img is None:
-            return None, self.source.files[i] if self.source.files else str(i)
-        rng = np.random.default_rng((self.seed, self.epoch, i))
-        return torch.from_numpy(two_crops(img, self.aug, rng)), int(self.source.labels[i])
+            return None, self.source.files[i] if self.source.files else str(i), None
+        crops, v1, v2 = two_crops(img, self.aug, np.random.default_rng((self.seed, self.epoch, i)))
+        return torch.from_numpy(crops), int(self.source.labels[i]), (v1, v2)
+
+
+def collate_two_crops(items):
+    """``(crops [B, 2, 3, S, S], labels, bad file names, (view 1 draws, view 2 draws))`` of the
+    readable items; crops ``None`` when none is."""
+    good = [it for it in items if it[0] is not None]
+    bad = [it[1] for it in items if it[0] is None]
+    if not good:
+        return None, None, bad, None
+    draws = tuple(stack_draws([it[2][v] for it in good]) for v in (0, 1))
+    return torch.stack([it[0] for it in good]), torch.tensor([it[1] for it in good]), bad, draws
 
 
 def collate_crops(items):
@@ -69,48 +82,23 @@ def collate_crops(items):
     return torch.stack([c for c, _ in good]), torch.tensor([y for _, y in good]), bad
 
 
-class StepBatches(Sampler):
-    """``(global step, indices)`` per batch of an :class:`EpochShardSampler`: one DataLoader
-    item per batch, so whoever builds it knows which step's augmentation draws to use."""
-
-    def __init__(self, sampler: "EpochShardSampler", first_step: int):
-        self.sampler, self.first_step = sampler, first_step
-
-    def __len__(self) -> int:
-        return len(self.sampler) // self.sampler.batch_size
-
-    def __iter__(self):
-        idx, b = list(self.sampler), self.sampler.batch_size
-        for k in range(len(idx) // b):
-            yield self.first_step + k, idx[k * b:(k + 1) * b]
-
-
 class TwoViewBatchDataset(Dataset):
-    """Item ``(step, indices)`` → ``(crops or (view1, view2), labels, bad files)``.
+    """Item: a batch's indices → ``(crops or (view1, view2), labels, bad files, draws)``.
 
     With ``augment_on`` set (a CPU device) the batch leaves fully augmented; otherwise as
-    uint8 crops for the training device to finish.
+    uint8 crops and their draws for the training device to finish.
     """
 
-    def __init__(self, crops: TwoCropDataset, rank: int, augment_on: Optional[torch.device],
+    def __init__(self, crops: TwoCropDataset, augment_on: Optional[torch.device],
                  out_dtype: torch.dtype, channels_last: bool):
-        self.crops, self.rank, self.augment_on = crops, rank, augment_on
+        self.crops, self.augment_on = crops, augment_on
         self.out_dtype, self.channels_last = out_dtype, channels_last
 
-    def __getitem__(self, item):
-        step, indices = item
-        crops, labels, bad = collate_crops([self.crops[i] for i in indices])
+    def __getitem__(self, indices):
+        crops, labels, bad, draws = collate_two_crops([self.crops[i] for i in indices])
         if crops is not None and self.augment_on is not None:
-            crops = finish_views(crops, self.crops.aug, self.crops.seed, step, self.rank,
-                                 self.out_dtype, self.channels_last)
-        return crops, labels, bad
-
-
-def finish_views(crops: torch.Tensor, aug: AugmentConfig, seed: int, step: int, rank: int,
-                 out_dtype: torch.dtype, channels_last: bool):
-    """The batched photometric half for one step, on the crops' device."""
-    g = step_generator(crops.device, seed, step, rank)
-    return augment_pair(crops, aug, g, out_dtype, channels_last)
+            crops, draws = augment_pair(crops, self.crops.aug, draws, self.out_dtype, self.channels_last), None
+        return crops, labels, bad, draws
 
 
 class EpochShardSampler(Sampler[int]):
@@ -175,9 +163,9 @@ class TorchTwoViewLoader:
     def _loader(self) -> DataLoader:
         self.dataset.epoch = self.sampler.epoch = self.epoch
         self.sampler.start = self.start_step * self.batch_size
-        batches = StepBatches(self.sampler, self.epoch * len(self) + self.start_step)
+        batches = BatchSampler(self.sampler, self.batch_size, drop_last=True)  # one DataLoader item per batch
         in_workers = self.device.type == "cpu" and self.workers > 0
-        items = TwoViewBatchDataset(self.dataset, self.rank, self.device if in_workers else None,
+        items = TwoViewBatchDataset(self.dataset, self.device if in_workers else None,
                                     self.out_dtype, self.channels_last)
         return DataLoader(
             items, batch_size=None, sampler=batches, num_workers=self.workers,
@@ -186,17 +174,15 @@ class TorchTwoViewLoader:
         )
 
     def __iter__(self) -> Iterator[TwoViewBatch]:
-        step = self.epoch * len(self) + self.start_step
-        for crops, labels, bad in self._loader():
+        for crops, labels, bad, draws in self._loader():
             if bad:
                 self._note_bad(bad)
             if isinstance(crops, (tuple, list)):  # augmented in a worker
                 yield TwoViewBatch(crops[0], crops[1], labels)
             elif crops is not None:
-                v1, v2 = finish_views(crops.to(self.device, non_blocking=True), self.aug, self.seed, step,
-                                      self.rank, self.out_dtype, self.channels_last)
+                v1, v2 = augment_pair(crops.to(self.device, non_blocking=True), self.aug, draws,
+                                      self.out_dtype, self.channels_last)
                 yield TwoViewBatch(v1, v2, labels.to(self.device, non_blocking=True))
-            step += 1
 
     def _note_bad(self, bad: List[str]) -> None:
         self._skipped += len(bad)

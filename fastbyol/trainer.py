@@ -123,6 +123,7 @@ class Trainer:
             self.engine = engine_factory(self.model, cfg, self.device, self.dist)
         self.step = 0
         self.knn_random: Optional[float] = None
+        self._nonfinite: Optional[torch.Tensor] = None  # set by start_steps
         self.monitor = Monitor(t.out, self.total_steps, t.batch_size, cfg.model.projection_dim,
                                enabled=self.dist.is_main, knn_label=f"weighted kNN (k={t.knn_k}, T={t.knn_t})")
         self.ckpt_path = os.path.join(t.out, CHECKPOINT_NAME)
@@ -171,6 +172,47 @@ class Trainer:
                 f"non-finite loss before step {self.step}: stopping (last good checkpoint kept at {self.ckpt_path}); "
                 "try a lower --optim.base_lr or --train.precision fp32")
 
+    # ------------------------------------------------------------------ one step
+    def start_steps(self) -> None:
+        """Device-side state of the step (flags, loss accumulator) and the schedules at
+        ``self.step``; called by :meth:`fit`, and by anyone driving :meth:`train_micro_batch`
+        alone (the throughput benchmark times exactly that method)."""
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._loss_n = 0
+        self._buffers = BN_BUFFER_MODES[self.cfg.model.bn_buffers]
+        self.tau = tau_at(self.step, self.total_steps, self.cfg.optim.tau_base)
+        self.lr = lr_at(self.step, self.total_steps, self.peak_lr, self.warmup_steps)
+        self.engine.set_lr(self.lr)
+        self.model.train()
+
+    def train_micro_batch(self, batch):
+        """Forward, backward and engine step of one micro-batch; at an applied optimizer step
+        also the target EMA, ``self.step += 1`` and the schedules. Returns the BYOL output and
+        whether an optimizer step was applied. No host sync (the loss stays on the device)."""
+        with self.engine.autocast():
+            out = self.model(batch.view1, batch.view2, online=self.engine.module)
+        self.engine.backward(out.loss)
+        loss = out.loss.detach().float()
+        self._nonfinite |= ~torch.isfinite(loss)
+        self._loss_sum += loss
+        self._loss_n += 1
+        if not self.engine.step():
+            return out, False
+        self.tau = tau_at(self.step, self.total_steps, self.cfg.optim.tau_base)
+        self.model.update_target(self.tau, self._buffers, self.cfg.train.kernels, source=self.engine.ema_source())
+        self.step += 1
+        self.lr = lr_at(self.step, self.total_steps, self.peak_lr, self.warmup_steps)
+        self.engine.set_lr(self.lr)
+        return out, True
+
+    def _mean_loss(self) -> float:
+        """The mean loss since the last call (a host sync: log steps only)."""
+        mean = (self._loss_sum / max(1, self._loss_n)).item()
+        self._loss_sum.zero_()
+        self._loss_n = 0
+        return mean
+
     # ------------------------------------------------------------------ loop
     def fit(self) -> Dict:
         cfg, t = self.cfg, self.cfg.train
@@ -178,45 +220,26 @@ class Trainer:
         if run_knn and self.knn_random is None and self.step == 0:
             self.knn_random = self.knn()
             self.monitor.log_knn(0, -1, self.knn_random)
-        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        loss_n = 0
         accum = cfg.dist.grad_accum
-        buffers = BN_BUFFER_MODES[cfg.model.bn_buffers]
-        tau = tau_at(self.step, self.total_steps, cfg.optim.tau_base)
-        self.engine.set_lr(lr_at(self.step, self.total_steps, self.peak_lr, self.warmup_steps))
+        self.start_steps()
         t_start, step_start = time.perf_counter(), self.step
         last_knn = None
-        self.model.train()
         while self.step < self.stop_step:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
             self.loader.set_epoch(epoch, in_epoch * accum)
             micro = in_epoch * accum
             step_before = self.step
             for batch in self.loader:
-                with self.engine.autocast():
-                    out = self.model(batch.view1, batch.view2, online=self.engine.module)
-                self.engine.backward(out.loss)
-                loss = out.loss.detach().float()
-                self._nonfinite |= ~torch.isfinite(loss)
-                loss_sum += loss
-                loss_n += 1
+                out, stepped = self.train_micro_batch(batch)
                 micro += 1
-                if not self.engine.step():
+                if not stepped:
                     if micro >= self.steps_per_epoch * accum:
                         break
                     continue
-                tau = tau_at(self.step, self.total_steps, cfg.optim.tau_base)
-                self.model.update_target(tau, buffers, t.kernels, source=self.engine.ema_source())
-                self.step += 1
-                lr = lr_at(self.step, self.total_steps, self.peak_lr, self.warmup_steps)
-                self.engine.set_lr(lr)
                 if self.step % t.log_every == 0 or self.step == self.stop_step:
                     self._check_finite()
-                    self.monitor.log_step(self.step, epoch, t.epochs, (loss_sum / max(1, loss_n)).item(), lr, tau,
+                    self.monitor.log_step(self.step, epoch, t.epochs, self._mean_loss(), self.lr, self.tau,
                                           collapse_std(out.z).item(), self.loader.skipped)
-                    loss_sum.zero_()
-                    loss_n = 0
                 if self.step >= self.stop_step or micro >= self.steps_per_epoch * accum:
                     break
             if self.step == step_before:

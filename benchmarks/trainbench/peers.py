@@ -1,0 +1,196 @@
+"""The peers' modes, each with the peer package itself: lightly's BYOL example loop and
+byol-pytorch's README loop (same encoder, head widths and autocast as fastbyol's).
+A peer that is not installed is a ``Skip`` whose reason says how to install it."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+
+import torch
+from torch import nn
+
+from .configs import Context, Skip
+from .data import forever, peer_loader, synthetic_views
+from .fastbyol_runner import Runner
+
+# The smallest set that imports (lightly 1.6's transforms need lightning-utilities; byol-pytorch's
+# learner needs einops; --no-deps so pip cannot replace torch).
+PEER_INSTALL = ("pip install --no-deps lightly==1.6.0 lightning-utilities==0.15.3 byol-pytorch==0.9.1 "
+                "einops==0.8.2")
+
+
+def peer_backbone(cfg: BenchConfig):
+    """The same encoder architecture fastbyol builds, as a plain torchvision module (or
+    ConvNet4), for the peers. ``(module, feature_dim)``."""
+    import torchvision
+
+    if cfg.backbone == "convnet4":
+        from fastbyol.backbones import ConvNet4
+
+        net = ConvNet4()
+        return net, net.out_dim
+    net = getattr(torchvision.models, cfg.backbone)()
+    if cfg.cifar_stem:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    return net, net.fc.in_features
+
+
+class LightlyRunner(Runner):
+    """lightly's BYOL example (lightly/examples/pytorch/byol.py), faithfully, with the lightly
+    package itself: its model class, heads, transforms, loss, momentum update and SGD. Head
+    widths are the benchmark's (the example's are 512 → 1024 → 256); the forward runs under the
+    same autocast as fastbyol's (a no-op in fp32)."""
+
+    def __init__(self, ctx: Context, synthetic: bool = False):
+        try:
+            from lightly.loss import NegativeCosineSimilarity
+            from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+            from lightly.models.utils import deactivate_requires_grad, update_momentum
+            from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+            from lightly.utils.scheduler import cosine_schedule
+        except Exception as e:
+            raise Skip(f"lightly not importable ({type(e).__name__}: {e}); {PEER_INSTALL}") from None
+        import lightly
+
+        self.ctx, c = ctx, ctx.cfg
+        self.update_momentum = update_momentum
+
+        class BYOL(nn.Module):  # the example's model class
+            def __init__(self, backbone):
+                super().__init__()
+                self.backbone = backbone
+                self.projection_head = BYOLProjectionHead(feat_dim, c.projector_hidden, c.projection_dim)
+                self.prediction_head = BYOLPredictionHead(c.projection_dim, c.predictor_hidden, c.projection_dim)
+                self.backbone_momentum = copy.deepcopy(self.backbone)
+                self.projection_head_momentum = copy.deepcopy(self.projection_head)
+                deactivate_requires_grad(self.backbone_momentum)
+                deactivate_requires_grad(self.projection_head_momentum)
+
+            def forward(self, x):
+                y = self.backbone(x).flatten(start_dim=1)
+                z = self.projection_head(y)
+                p = self.prediction_head(z)
+                return p
+
+            def forward_momentum(self, x):
+                y = self.backbone_momentum(x).flatten(start_dim=1)
+                z = self.projection_head_momentum(y)
+                z = z.detach()
+                return z
+
+        torch.manual_seed(ctx.seed)
+        resnet, feat_dim = peer_backbone(c)
+        backbone = resnet if c.backbone == "convnet4" else nn.Sequential(*list(resnet.children())[:-1])
+        self.model = BYOL(backbone).to(ctx.device)
+        self.criterion = NegativeCosineSimilarity()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.06)
+        self.momentum_val = cosine_schedule(0, 10, 0.996, 1)
+        self.online_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.total_loss = torch.zeros((), device=ctx.device)
+        self.synthetic = synthetic
+        if synthetic:
+            self.views = synthetic_views(ctx, channels_last=False)
+        else:
+            blur = {} if c.peer_blur is None else {"gaussian_blur": c.peer_blur}
+            transform = BYOLTransform(view_1_transform=BYOLView1Transform(input_size=c.image_size, **blur),
+                                      view_2_transform=BYOLView2Transform(input_size=c.image_size, **blur))
+            self.loader = peer_loader(ctx, transform)
+        self.details = {
+            "loader": "pre-made views on the device" if synthetic else
+            f"lightly BYOLTransform (PIL, per image) in a torch DataLoader, {ctx.workers} workers",
+            "loss": "lightly NegativeCosineSimilarity", "ema": "lightly update_momentum (foreach mul + add)",
+            "optimizer": "SGD lr 0.06 (example)", "precision": ctx.precision, "lightly": lightly.__version__,
+        }
+
+    def batches(self):
+        if self.synthetic:
+            while True:
+                yield (self.views, 0)
+        yield from forever(lambda e: iter(self.loader))
+
+    def step(self, batch) -> None:  # the example's loop body
+        model, device = self.model, self.ctx.device
+        x0, x1 = batch[0]
+        self.update_momentum(model.backbone, model.backbone_momentum, m=self.momentum_val)
+        self.update_momentum(model.projection_head, model.projection_head_momentum, m=self.momentum_val)
+        x0 = x0.to(device)
+        x1 = x1.to(device)
+        with self.ctx.autocast():
+            p0 = model(x0)
+            z0 = model.forward_momentum(x0)
+            p1 = model(x1)
+            z1 = model.forward_momentum(x1)
+            loss = 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
+        self.total_loss += loss.detach()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+def import_byol_pytorch():
+    """byol-pytorch's ``BYOL`` learner class, and how it was loaded.
+
+    The package's ``__init__`` also imports its ``accelerate``-based trainer; where accelerate
+    is not installed, the learner module (``byol_pytorch/byol_pytorch.py``, which needs only
+    torch, torchvision and einops) is loaded on its own, unchanged."""
+    try:
+        from byol_pytorch import BYOL
+
+        return BYOL, "import byol_pytorch"
+    except ImportError as e:
+        spec = importlib.util.find_spec("byol_pytorch")
+        if spec is None or not spec.submodule_search_locations:
+            raise Skip(f"byol-pytorch not installed; {PEER_INSTALL}") from None
+        path = os.path.join(list(spec.submodule_search_locations)[0], "byol_pytorch.py")
+        try:
+            mspec = importlib.util.spec_from_file_location("_byol_pytorch_learner", path)
+            mod = importlib.util.module_from_spec(mspec)
+            mspec.loader.exec_module(mod)
+        except Exception as e2:
+            raise Skip(f"byol-pytorch not importable ({type(e2).__name__}: {e2})") from None
+        return mod.BYOL, f"learner module loaded alone (package __init__ failed: {e})"
+
+
+class ByolPytorchRunner(Runner):
+    """byol-pytorch's README loop: ``loss = learner(images); opt.zero_grad(); loss.backward();
+    opt.step(); learner.update_moving_average()``, Adam 3e-4. The learner augments the batch on
+    the device with its default (torchvision) pipeline; a DataLoader decodes and resizes the
+    images to the input size. Same encoder, 4096-wide MLPs, 256-d projections;
+    ``use_simplicial_embeddings=False`` so the network is BYOL's (0.9.1 defaults to True)."""
+
+    def __init__(self, ctx: Context):
+        learner_cls, how = import_byol_pytorch()
+        import torchvision.transforms as T
+
+        self.ctx, c = ctx, ctx.cfg
+        if c.projector_hidden != c.predictor_hidden:
+            raise Skip("byol-pytorch uses one hidden width for projector and predictor")
+        torch.manual_seed(ctx.seed)
+        net, _ = peer_backbone(c)
+        net = net.to(ctx.device)
+        self.learner = learner_cls(net, image_size=c.image_size, hidden_layer=-1 if c.backbone == "convnet4" else "avgpool",
+                                   projection_size=c.projection_dim, projection_hidden_size=c.projector_hidden,
+                                   use_simplicial_embeddings=False)
+        self.opt = torch.optim.Adam(self.learner.parameters(), lr=3e-4)
+        self.online_params = [p for p in self.learner.online_encoder.parameters()] + \
+            [p for p in self.learner.online_predictor.parameters()]
+        s = c.image_size
+        self.loader = peer_loader(ctx, T.Compose([T.Resize((s, s)), T.PILToTensor()]))
+        self.details = {"loader": f"torch DataLoader: decode + resize to {s}x{s} (uint8), {ctx.workers} workers; "
+                                  "learner's default augmentation batched on the device",
+                        "loss": "byol-pytorch cosine loss", "ema": "byol-pytorch update_moving_average (per-parameter)",
+                        "optimizer": "Adam lr 3e-4 (README)", "precision": ctx.precision, "loaded": how}
+
+    def batches(self):
+        yield from forever(lambda e: iter(self.loader))
+
+    def step(self, batch) -> None:
+        images = batch[0].to(self.ctx.device).float().div_(255)
+        with self.ctx.autocast():
+            loss = self.learner(images)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.learner.update_moving_average()

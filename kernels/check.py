@@ -1,0 +1,153 @@
+"""The fused kernels against float64 references on one device: the compiled-kernel check.
+
+The test suite runs the Triton kernels on CPU tensors under ``TRITON_INTERPRET=1``, which is
+process-wide: the same process cannot also compile them for a GPU. This module runs the same
+float64 comparisons on the device it is given, compiled there, including the sizes the
+benchmarks time (B=4096, D=256; 165 and 200 tensors). It needs only torch and triton, so it
+runs wherever the kernels do (``fastbyol gpu-check`` runs it first):
+
+    python -m fastbyol_kernels.check --device cuda            # on a GPU: compiled kernels
+    TRITON_INTERPRET=1 python -m fastbyol_kernels.check --device cpu --quick   # the interpreter
+
+Prints one line per case and exits 1 when any case is off.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+from . import byol_loss, ema_update_, normalized_l2_loss
+
+EPS = 1e-12  # F.normalize's
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=3e-3, atol=3e-3)}
+
+
+def ref_rows(p, z):
+    """float64 ``2 − 2·cos`` with F.normalize's max(‖x‖, eps)."""
+    p, z = p.double(), z.double()
+    pn = p / p.norm(dim=1, keepdim=True).clamp_min(EPS)
+    zn = z / z.norm(dim=1, keepdim=True).clamp_min(EPS)
+    return 2 - 2 * (pn * zn).sum(1)
+
+
+def ref_byol(p1, p2, z1, z2):
+    return (ref_rows(p1, z2) + ref_rows(p2, z1)).mean()
+
+
+EMA_TOL = {torch.float32: dict(rtol=1e-6, atol=1e-7), torch.bfloat16: dict(rtol=2 ** -7, atol=1e-6),
+           torch.float16: dict(rtol=2 ** -10, atol=1e-6)}
+
+
+def _randn(shape, dtype, device, g) -> torch.Tensor:
+    return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def check_byol_loss(B: int, D: int, dtype: torch.dtype, device: str, seed: int) -> None:
+    """Loss and all four gradients of :func:`byol_loss` against float64."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [_randn((B, D), dtype, device, g).requires_grad_() for _ in range(4)]
+    if dtype != torch.float16:  # a zero row's gradient is ~1/eps = 1e12: beyond fp16's range (inf)
+        with torch.no_grad():
+            xs[0][0].zero_()  # F.normalize's eps
+    loss = byol_loss(*xs, backend="triton")
+    loss.backward()
+    ref_in = [x.detach().double().requires_grad_() for x in xs]
+    ref = ref_byol(*ref_in)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, **TOL[dtype])
+    for x, r in zip(xs, ref_in):  # per row, relative to the two terms the gradient is a difference of
+        terms = 2.0 / B / x.detach().double().norm(dim=1, keepdim=True).clamp_min(1e-6)
+        scale = torch.maximum(r.grad.abs().amax(1, keepdim=True), terms)
+        torch.testing.assert_close(x.grad.double() / scale, r.grad / scale, **TOL[dtype])
+
+
+def check_pair_loss_non_contiguous(B: int, D: int, device: str, seed: int) -> None:
+    """:func:`normalized_l2_loss` rows and gradients on strided views."""
+    g = torch.Generator().manual_seed(seed)
+    p = _randn((2 * B, D), torch.float32, device, g)[::2].requires_grad_()
+    z = _randn((D, B), torch.float32, device, g).t().requires_grad_()
+    rows = normalized_l2_loss(p, z, backend="triton")
+    w = _randn((B,), torch.float32, device, g)
+    (rows * w).sum().backward()
+    p64, z64 = p.detach().double().requires_grad_(), z.detach().double().requires_grad_()
+    ref = ref_rows(p64, z64)
+    (ref * w.double()).sum().backward()
+    torch.testing.assert_close(rows.double(), ref, **TOL[torch.float32])
+    torch.testing.assert_close(p.grad.double(), p64.grad, **TOL[torch.float32])
+    torch.testing.assert_close(z.grad.double(), z64.grad, **TOL[torch.float32])
+
+
+def check_ema(n: int, t_dtype: torch.dtype, o_dtype: torch.dtype, device: str, seed: int,
+              tensor_momentum: bool) -> None:
+    """:func:`ema_update_` over ``n`` tensors of odd sizes; every element written."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(1,), (7,), (1000,), (3, 5, 7), (4097,), (2, 2049), (513, 257)]
+    shapes = [sizes[i % len(sizes)] for i in range(n)]
+    ts = [_randn(s, t_dtype, device, g) for s in shapes]
+    os_ = [_randn(s, o_dtype, device, g) for s in shapes]
+    m = 0.996
+    expected = [m * t.double() + (1 - m) * o.double() for t, o in zip(ts, os_)]
+    ema_update_(ts, os_, torch.tensor(m, device=device) if tensor_momentum else m, backend="triton")
+    for t, e in zip(ts, expected):
+        assert t.dtype == t_dtype
+        torch.testing.assert_close(t.double(), e, **EMA_TOL[t_dtype])
+    for t in ts:
+        t.fill_(12345.0)  # momentum 0 must overwrite every element with the online value
+    ema_update_(ts, os_, 0.0, backend="triton")
+    assert all(torch.equal(t, o.to(t_dtype)) for t, o in zip(ts, os_))
+
+
+def cases(device: str, quick: bool) -> List[Tuple[str, Callable[[], None]]]:
+    loss_sizes = [(1, 7), (3, 1000)] + ([] if quick else [(257, 256), (3, 1), (2, 8192), (4096, 256), (1000, 4097)])
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for B, D in loss_sizes:
+            out.append((f"byol_loss {str(dtype)[6:]} B={B} D={D}",
+                        lambda B=B, D=D, dtype=dtype: check_byol_loss(B, D, dtype, device, seed=B * 7 + D)))
+    out.append(("normalized_l2_loss strided B=257 D=300",
+                lambda: check_pair_loss_non_contiguous(257, 300, device, seed=3)))
+    counts = [1, 37] + ([] if quick else [5, 165, 200])
+    for t_dtype, o_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                             (torch.float32, torch.bfloat16), (torch.float16, torch.float16)):
+        for n in counts:
+            for tm in (False, True):
+                out.append((f"ema_update_ {str(t_dtype)[6:]}<-{str(o_dtype)[6:]} n={n} tensor_m={tm}",
+                            lambda n=n, t=t_dtype, o=o_dtype, tm=tm: check_ema(n, t, o, device, seed=n, tensor_momentum=tm)))
+    return out
+
+
+def run(device: str = "cuda", quick: bool = False, log=print) -> Dict:
+    """Every case on ``device``; ``{"device", "cases": [{"name", "ok", "error"}], "failed", "total"}``."""
+    results = []
+    for name, case in cases(device, quick):
+        try:
+            case()
+            results.append({"name": name, "ok": True, "error": None})
+            log(f"ok    {name}")
+        except AssertionError as e:
+            msg = " ".join(str(e).split())[:300]
+            results.append({"name": name, "ok": False, "error": msg})
+            log(f"FAIL  {name}: {msg}")
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU (interpreter)"
+    failed = sum(not r["ok"] for r in results)
+    log(f"{failed} of {len(results)} cases failed on {where}")
+    return {"device": where, "cases": results, "failed": failed, "total": len(results)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", help="cuda (compiled kernels) or cpu (needs TRITON_INTERPRET=1)")
+    ap.add_argument("--quick", action="store_true", help="leave out the large sizes (for the interpreter)")
+    args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("kernel_check: no CUDA device here", file=sys.stderr)
+        return 2
+    return 1 if run(args.device, args.quick)["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

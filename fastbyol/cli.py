@@ -1,4 +1,4 @@
-"""``fastbyol`` command line: ``train``, ``export``, ``bench``.
+"""``fastbyol`` command line: ``train``, ``export``, ``bench``, ``gpu-check``.
 
 Errors a user can fix (bad config, missing data, non-finite loss, unwritable output) print
 one line, ``fastbyol: error: ...``, and exit with status 2; no traceback.
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("output", help="output .pt file")
     be = sub.add_parser("bench", help="throughput benchmark (benchmarks/bench_train.py)", add_help=False)
     be.add_argument("args", nargs=argparse.REMAINDER)
+    gc = sub.add_parser("gpu-check", help="measure everything on the first GPU (benchmarks/gpucheck; --tiny on CPU)",
+                        add_help=False)
+    gc.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
 
@@ -135,14 +138,29 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpu_check(ns: argparse.Namespace) -> int:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(here, "benchmarks"))
+    try:
+        import gpucheck
+    except ImportError as e:
+        if "gpucheck" not in str(e):
+            raise
+        raise FastByolError("benchmarks/gpucheck not found: run from a source checkout of fastbyol "
+                            "(python -m fastbyol gpu-check works there without installing)") from None
+    return gpucheck.main(ns.args)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["bench"]:  # argparse's REMAINDER drops a leading option (`bench --smoke`)
             return cmd_bench(argparse.Namespace(args=argv[1:]))
+        if argv[:1] == ["gpu-check"]:
+            return cmd_gpu_check(argparse.Namespace(args=argv[1:]))
         ns = build_parser().parse_args(argv)
-        return {"train": cmd_train, "export": cmd_export, "bench": cmd_bench}[ns.command](ns)
+        return {"train": cmd_train, "export": cmd_export, "bench": cmd_bench, "gpu-check": cmd_gpu_check}[ns.command](ns)
     except FastByolError as e:
         print(f"fastbyol: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,113 @@
+"""gpu-check's record: what ran where (device, driver, versions, date, commit) and the
+Markdown table of every part, its rows and each target marked met / missed."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from typing import Dict, List
+
+import torch
+
+from _common import markdown_table
+
+
+def _version(module: str):
+    try:
+        mod = __import__(module, fromlist=["__version__"])
+        return getattr(mod, "__version__", "?")
+    except Exception:
+        return None
+
+
+def _driver() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except Exception:
+        pass
+    try:  # the CUDA driver API version (e.g. 13000), when nvidia-smi is not there
+        v = torch._C._cuda_getDriverVersion()
+        return f"CUDA driver API {v // 1000}.{v % 1000 // 10} (nvidia-smi not found)"
+    except Exception:
+        return "unknown"
+
+
+def _commit(root: str):
+    try:
+        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def stamp(device: torch.device, root: str) -> Dict:
+    import fastbyol
+    import fastbyol_kernels
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "triton": _version("triton"),
+            "torchvision": _version("torchvision"), "numpy": _version("numpy"), "pillow": _version("PIL"),
+            "nvidia-dali": _version("nvidia.dali"), "deepspeed": _version("deepspeed"),
+            "lightly": _version("lightly"), "fastbyol": fastbyol.__version__, "commit": _commit(root),
+            "fastbyol_from": os.path.dirname(fastbyol.__file__),
+            "fastbyol_kernels_from": os.path.dirname(fastbyol_kernels.__file__), "cpu_count": os.cpu_count(),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(device=torch.cuda.get_device_name(device), driver=_driver(),
+                    device_memory_gib=round(p.total_memory / 2 ** 30, 1), capability=f"{p.major}.{p.minor}")
+    else:
+        info.update(device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+                    driver=None)
+    return info
+
+
+def _fmt_row(r: Dict) -> Dict:
+    out = {}
+    for k, v in r.items():
+        if isinstance(v, dict):
+            v = "; ".join(f"{a}: {b}" for a, b in v.items())
+        out[k] = v
+    return out
+
+
+def markdown(result: Dict) -> str:
+    s = result["stamp"]
+    versions = ", ".join(f"{k} {s[k]}" for k in ("python", "torch", "cuda", "cudnn", "triton", "torchvision",
+                                                 "nvidia-dali", "deepspeed", "lightly") if s.get(k))
+    lines = [f"# fastbyol gpu-check: {s['device']}{' (TINY CPU RUN: no GPU figures)' if result['tiny'] else ''}", "",
+             f"- date {s['date']}, driver {s['driver']}, commit {s.get('commit')}, host {s['host']}",
+             f"- {versions}", f"- command: `{s['command']}`; {result['seconds']:.0f} s in all", ""]
+    if result.get("headline"):
+        lines += [f"**{result['headline']}**", ""]
+    lines += ["## Targets", "", markdown_table(result["targets"], ["part", "target", "measured", "verdict"]), "",
+              "## Parts", "", markdown_table([{"part": f"{p['letter']}. {name}", "status": p["status"],
+                                               "seconds": p.get("seconds"), "cap s": p.get("cap_s"),
+                                               "what": p["title"]} for name, p in result["parts"].items()],
+                                             ["part", "status", "seconds", "cap s", "what"]), ""]
+    for name, p in result["parts"].items():
+        rows: List[Dict] = p.get("md_rows", p.get("rows")) or []
+        if p.get("summary"):
+            lines += [f"### {p['letter']}. {name}: {p['summary']}", ""]
+        if not rows:
+            continue
+        cols = [c for c in rows[0] if c not in ("details", "where")]
+        for r in rows:
+            cols += [c for c in r if c not in cols and c not in ("details", "where")]
+        if not p.get("summary"):
+            lines += [f"### {p['letter']}. {name}: {p['title']}", ""]
+        lines += [markdown_table([_fmt_row(r) for r in rows], cols), ""]
+        for r in rows:
+            if r.get("details"):
+                lines.append(f"- {r.get('mode', '')}: " + _fmt_row({"d": r["details"]})["d"])
+            if r.get("where"):
+                lines.append(f"- {r['what']}: syncs at " + ", ".join(f"{k} ({v})" for k, v in r["where"].items()))
+        lines += [f"- note: {n}" for n in p.get("notes", [])] + [""]
+    return "\n".join(lines) + "\n"

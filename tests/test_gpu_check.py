@@ -1,0 +1,123 @@
+"""``fastbyol gpu-check``: the tiny mode records every part (or why it was skipped), its
+fastbyol rows time the trainer's own step, it runs from a plain checkout with nothing
+installed, and without CUDA and --tiny it stops with one line."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import gpucheck  # noqa: E402
+from gpucheck.settings import PART_NAMES  # noqa: E402
+
+
+def _count_trainer_steps(monkeypatch):
+    from fastbyol.trainer import Trainer
+
+    calls = {"n": 0}
+    real = Trainer.train_micro_batch
+
+    def counted(self, batch):
+        calls["n"] += 1
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_micro_batch", counted)
+    return calls
+
+
+def _fastbyol_steps(result):
+    """Steps the fastbyol rows say they ran (warm-up + timed), over every part."""
+    return sum(r["warmup"] + r["timed_steps"] for p in result["parts"].values() for r in p.get("rows", [])
+               if str(r.get("mode", "")).startswith("fastbyol") and r.get("status") == "ok" and "warmup" in r)
+
+
+def _run(tmp_path, *extra):
+    code = gpucheck.main(["--tiny", "--in-process", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"),
+                          *extra])
+    return code, json.loads((tmp_path / "gpu_check_tiny_cpu" / "gpu_check.json").read_text())
+
+
+def test_tiny_records_every_part_and_times_the_trainers_step(tmp_path, monkeypatch):
+    calls = _count_trainer_steps(monkeypatch)
+    code, result = _run(tmp_path)
+    assert code == 0, result["failed_parts"]
+    assert (tmp_path / "gpu_check_tiny_cpu" / "gpu_check.md").is_file()
+    st = result["stamp"]
+    assert st["device"] and st["date"] and st["torch"] and "driver" in st
+    parts = result["parts"]
+    assert set(parts) == set(PART_NAMES) | {"lightly-style"}
+    for name, p in parts.items():
+        assert p["status"] == "ok" or (p["status"].startswith("skipped: ") and len(p["status"]) > 12), (name, p)
+    assert parts["kernels"]["status"] == "ok" and parts["kernels"]["failed"] == 0
+    assert parts["syncs"]["status"].startswith("skipped: ")  # CUDA only
+    # The fastbyol rows are the product's step: one Trainer.train_micro_batch call per step they report.
+    e2e = {r["mode"]: r for r in parts["e2e-r50"]["rows"]}
+    for mode in ("fastbyol", "fastbyol-synthetic", "lightly-style", "lightly-style-synthetic"):
+        assert e2e[mode]["status"] == "ok" and e2e[mode]["img_s"] > 0, e2e[mode]
+    assert "train_micro_batch" in e2e["fastbyol"]["details"]["step"]
+    assert calls["n"] == _fastbyol_steps(result) > 0
+    assert parts["lightly-style"]["rows"][0]["ratio"] > 0
+    assert result["headline"].startswith("TINY CPU RUN")
+    assert all(t["verdict"] in ("met", "missed") or t["verdict"].startswith("n/a: ") for t in result["targets"])
+
+
+def test_the_step_count_catches_a_copied_step(tmp_path, monkeypatch):
+    """A runner that times its own copy of the step (what bench_train did before) is caught."""
+    import trainbench.fastbyol_runner as fr
+
+    def copied_step(self, batch):  # forward, backward, optimizer, EMA: not the trainer's method
+        tr = self.trainer
+        out = tr.model(batch.view1, batch.view2, online=tr.engine.module)
+        tr.engine.backward(out.loss)
+        tr.engine.step()
+        tr.model.update_target(0.996, "none", "torch")
+
+    monkeypatch.setattr(fr.FastByolRunner, "step", copied_step)
+    calls = _count_trainer_steps(monkeypatch)
+    code, result = _run(tmp_path, "--parts", "e2e-cifar")
+    assert _fastbyol_steps(result) > 0 and calls["n"] != _fastbyol_steps(result)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_without_cuda_and_tiny_it_says_so_in_one_line(capsys):
+    from fastbyol.cli import main
+
+    assert main(["gpu-check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastbyol: error: gpu-check needs a CUDA GPU") and "--tiny" in err and "\n" not in err
+
+
+HIDE = '''import os, sys
+root = os.environ["FASTBYOL_PLAIN_CHECKOUT"]
+# No installed fastbyol: drop the editable-install finder and every other folder holding the packages.
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in (getattr(f, "__module__", "") or "")]
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") == root or not any(
+    os.path.exists(os.path.join(p, n)) for n in ("fastbyol", "fastbyol_kernels"))]
+'''
+
+
+def test_runs_from_a_plain_checkout_with_nothing_installed(tmp_path):
+    copy = tmp_path / "checkout"
+    for d in ("fastbyol", "kernels", "benchmarks"):
+        shutil.copytree(os.path.join(ROOT, d), copy / d, ignore=shutil.ignore_patterns("results", "__pycache__"))
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "sitecustomize.py").write_text(HIDE)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env.update(PYTHONPATH=str(tmp_path / "hide"), FASTBYOL_PLAIN_CHECKOUT=os.path.realpath(copy))
+    probe = subprocess.run([sys.executable, "-c", "import fastbyol_kernels"], cwd=copy, env=env,
+                           capture_output=True, text=True)
+    assert probe.returncode != 0 and "fastbyol_kernels" in probe.stderr  # not importable without the bootstrap
+    res = subprocess.run([sys.executable, "-m", "fastbyol", "gpu-check", "--tiny", "--parts", "a",
+                          "--out", str(tmp_path / "out")], cwd=copy, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "gpu_check_tiny_cpu" / "gpu_check.json").read_text())
+    assert result["parts"]["kernels"]["status"] == "ok"  # ran in a child process, which bootstrapped too
+    assert result["stamp"]["fastbyol_kernels_from"] == os.path.join(os.path.realpath(copy), "kernels")
+    assert result["stamp"]["fastbyol_from"] == os.path.join(os.path.realpath(copy), "fastbyol")

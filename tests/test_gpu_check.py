@@ -121,3 +121,26 @@ def test_runs_from_a_plain_checkout_with_nothing_installed(tmp_path):
     assert result["parts"]["kernels"]["status"] == "ok"  # ran in a child process, which bootstrapped too
     assert result["stamp"]["fastbyol_kernels_from"] == os.path.join(os.path.realpath(copy), "kernels")
     assert result["stamp"]["fastbyol_from"] == os.path.join(os.path.realpath(copy), "fastbyol")
+
+
+def test_a_failing_part_is_a_row_and_the_rest_still_run(tmp_path, monkeypatch):
+    from gpucheck import run
+
+    def broken(pc):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(run.FUNCS, "kernels", broken)
+    code, result = _run(tmp_path, "--parts", "a,e")
+    assert code == 1 and result["failed_parts"] == ["kernels"]
+    assert result["parts"]["kernels"]["status"] == "error: RuntimeError: boom"
+    assert result["parts"]["syncs"]["status"].startswith("skipped: ")
+
+
+def test_a_part_past_its_cap_is_killed_and_reported(tmp_path):
+    import argparse
+
+    from gpucheck import run
+
+    args = argparse.Namespace(tiny=True, cache=None)
+    res = run._spawn_part("kernels", args, cap=2, scratch=str(tmp_path))  # the child cannot even import torch in 2 s
+    assert res["status"] == "timed out at its 2 s cap" and res["seconds"] < 30

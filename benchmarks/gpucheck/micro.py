@@ -39,7 +39,7 @@ def part_micro(pc) -> Dict:
     import bench_loss
 
     tiny = pc.settings.tiny
-    out_dir = os.path.join(pc.out, "micro")
+    out_dir = os.path.join(pc.out, "micro")  # their own JSON: scratch (the rows are in gpu-check's record)
     argv = (["--cpu", "--repeats", "2"] if tiny else []) + ["--out", out_dir]
     na = "a tiny CPU run (the floors are GPU targets)" if tiny else None
     rows, targets, errors = [], [], []
@@ -75,7 +75,7 @@ def part_micro(pc) -> Dict:
         else:
             ours = _row(res["rows"], method="fastbyol")
             targets.append(target("LARS step / byte floor", ours and ours["x_floor"], S.LARS_X_FLOOR, False, "x", na))
-    out = {"rows": rows, "targets": targets, "files": out_dir}
+    out = {"rows": rows, "targets": targets}
     if errors:
         out["errors"] = errors
         if len(errors) == 3:

@@ -8,9 +8,11 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from typing import Dict, List, Optional
@@ -33,7 +35,7 @@ RESULTS = os.path.join(checkout_root(), "benchmarks", "results")
 class PartContext:
     settings: object
     device: torch.device
-    out: str  # this run's folder
+    out: str  # scratch folder of this run (the benchmarks' own JSON); the record goes elsewhere
     cache: Optional[str]
     deadline: float  # perf_counter time past which a part starts nothing new
     save_path: Optional[str] = None
@@ -73,14 +75,12 @@ def run_part(name: str, pc: PartContext) -> Dict:
     return res
 
 
-def _spawn_part(name: str, args, cap: float, run_dir: str) -> Dict:
+def _spawn_part(name: str, args, cap: float, scratch: str) -> Dict:
     """The part in a child ``python -m fastbyol gpu-check --part NAME``, killed (its whole process
     group: DataLoader workers too) at ``cap`` seconds; what it saved so far is kept."""
-    path = os.path.join(run_dir, f"part-{name}.json")
-    if os.path.exists(path):
-        os.remove(path)
+    path = os.path.join(scratch, f"part-{name}.json")
     cmd = [sys.executable, "-m", "fastbyol", "gpu-check", "--part", name, "--part-out", path, "--cap", f"{cap:.0f}",
-           "--out", run_dir] + (["--tiny"] if args.tiny else []) + (["--cache", args.cache] if args.cache else [])
+           "--out", scratch] + (["--tiny"] if args.tiny else []) + (["--cache", args.cache] if args.cache else [])
     env = dict(os.environ)
     root = checkout_root()  # the child imports this very checkout, installed or not
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -156,8 +156,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     budget = args.budget or s.budget_s
     info = stamp(device, checkout_root())
     tag = "tiny_cpu" if args.tiny else "".join(c if c.isalnum() else "-" for c in info["device"].lower()).strip("-")
-    run_dir = os.path.join(args.out, f"gpu_check_{tag}")
+    run_dir = os.path.join(args.out, f"gpu_check_{tag}")  # gpu_check.json and .md, nothing else
     os.makedirs(run_dir, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="fastbyol-gpu-check-")
     print(f"fastbyol gpu-check on {info['device']} (torch {info['torch']}, triton {info['triton']}, "
           f"{info['date']}): parts {', '.join(names)}, budget {budget:.0f} s", flush=True)
     t_start = time.perf_counter()
@@ -172,9 +173,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if cap < 15:
             res = {"status": f"skipped: the run's {budget:.0f} s budget was spent before this part"}
         elif args.in_process:
-            res = run_part(q.name, PartContext(s, device, run_dir, args.cache, time.perf_counter() + cap))
+            res = run_part(q.name, PartContext(s, device, scratch, args.cache, time.perf_counter() + cap))
         else:
-            res = _spawn_part(q.name, args, cap, run_dir)
+            res = _spawn_part(q.name, args, cap, scratch)
         parts[q.name] = dict(res, letter=q.letter, title=q.title, cap_s=round(cap))
         print(f"[gpu-check] {q.letter}. {q.name}: {res['status']} ({res.get('seconds', 0):.0f} s)", flush=True)
         _finish(result, t_start, run_dir)  # after every part: a killed run still leaves its record
@@ -186,6 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parts["lightly-style"] = dict(res, **DERIVED)
         result["headline"] = res.get("headline")
     code = _finish(result, t_start, run_dir)
+    shutil.rmtree(scratch, ignore_errors=True)
     print("\n" + markdown(result))
     print(f"wrote {os.path.join(run_dir, 'gpu_check.json')} and gpu_check.md", flush=True)
     return code

@@ -14,7 +14,9 @@ EXTRAS = {
     "dali": ["nvidia-dali-cuda130==2.4.0"],
     "dali-cuda120": ["nvidia-dali-cuda120"],
     "deepspeed": ["deepspeed==0.19.8"],
-    "bench": ["lightly==1.6.0", "byol-pytorch==0.9.1"],
+    # Peers for the benchmarks: install with --no-deps (README); lightly's transforms need
+    # lightning-utilities, byol-pytorch's learner einops.
+    "bench": ["lightly==1.6.0", "lightning-utilities==0.15.3", "byol-pytorch==0.9.1", "einops==0.8.2"],
 }
 EXTRAS["all"] = sorted({d for k in ("test", "dali", "deepspeed") for d in EXTRAS[k]})
 

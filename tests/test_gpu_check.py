@@ -144,3 +144,32 @@ def test_a_part_past_its_cap_is_killed_and_reported(tmp_path):
     args = argparse.Namespace(tiny=True, cache=None)
     res = run._spawn_part("kernels", args, cap=2, scratch=str(tmp_path))  # the child cannot even import torch in 2 s
     assert res["status"] == "timed out at its 2 s cap" and res["seconds"] < 30
+
+
+def test_the_lightly_style_loop_computes_what_lightly_does():
+    """gpu-check's baseline is lightly's example written out in torch: where lightly is installed,
+    its momentum update, loss, heads and schedule give the same numbers."""
+    pytest.importorskip("lightning_utilities")
+    lightly_utils = pytest.importorskip("lightly.models.utils")
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLProjectionHead
+    from lightly.utils.scheduler import cosine_schedule
+
+    from trainbench import lightly_style as ls
+
+    torch.manual_seed(0)
+    ours, theirs = ls.projection_head(24, 40, 8), BYOLProjectionHead(24, 40, 8)
+    theirs.layers.load_state_dict(ours.state_dict())  # same layers, same names
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    a, b = ls.projection_head(24, 40, 8), ls.projection_head(24, 40, 8)
+    a2, b2 = ls.projection_head(24, 40, 8), ls.projection_head(24, 40, 8)
+    a2.load_state_dict(a.state_dict()), b2.load_state_dict(b.state_dict())
+    ls.update_momentum(a, b, 0.9)
+    lightly_utils.update_momentum(a2, b2, 0.9)
+    for p, q in zip(b.parameters(), b2.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    p, z = torch.randn(7, 8), torch.randn(7, 8)
+    torch.testing.assert_close(ls.negative_cosine_similarity(p, z), NegativeCosineSimilarity()(p, z))
+    for step in (0, 3, 9, 12):
+        assert ls.cosine_schedule(step, 10, 0.996, 1) == pytest.approx(cosine_schedule(step, 10, 0.996, 1), abs=1e-15)

@@ -24,8 +24,9 @@ from .fastbyol_runner import Runner
 
 
 def projection_head(d_in: int, hidden: int, d_out: int) -> nn.Module:
-    """lightly's BYOLProjectionHead / BYOLPredictionHead."""
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+    """lightly's BYOLProjectionHead / BYOLPredictionHead (no bias before the BatchNorm, as lightly's)."""
+    return nn.Sequential(nn.Linear(d_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, d_out))
 
 
 @torch.no_grad()
@@ -41,7 +42,10 @@ def negative_cosine_similarity(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tens
 
 
 def cosine_schedule(step: int, max_steps: int, start_value: float, end_value: float) -> float:
-    return end_value - (end_value - start_value) * (math.cos(math.pi * step / max_steps) + 1) / 2
+    """lightly 1.6's (no ``period``): the end value from step max_steps - 1 on."""
+    if max_steps <= 1 or step >= max_steps - 1:
+        return end_value
+    return end_value - (end_value - start_value) * (math.cos(math.pi * step / (max_steps - 1)) + 1) / 2
 
 
 class _PILBlur:

@@ -173,3 +173,24 @@ def test_the_lightly_style_loop_computes_what_lightly_does():
     torch.testing.assert_close(ls.negative_cosine_similarity(p, z), NegativeCosineSimilarity()(p, z))
     for step in (0, 3, 9, 12):
         assert ls.cosine_schedule(step, 10, 0.996, 1) == pytest.approx(cosine_schedule(step, 10, 0.996, 1), abs=1e-15)
+
+
+def test_sync_counting_counts_the_sync_warnings(monkeypatch):
+    """count_syncs turns set_sync_debug_mode('warn') warnings into a count per step and a place
+    (the CUDA calls themselves are stubbed: this machine has none)."""
+    import warnings
+
+    from gpucheck import train
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step():
+        warnings.warn("called a synchronizing CUDA operation")  # what torch emits in 'warn' mode
+        warnings.warn("unrelated")
+
+    r = train.count_syncs(step, 4)
+    assert modes == ["warn", "default"]
+    assert r["syncs"] == 4 and r["per_step"] == 1.0 and sum(r["where"].values()) == 4
+    assert train.count_syncs(lambda: None, 3)["per_step"] == 0

@@ -22,6 +22,18 @@ def _version(module: str):
         return None
 
 
+def _installed(*dists: str):
+    """An installed distribution's version, without importing it (DeepSpeed's import is slow and loud)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for d in dists:
+        try:
+            return version(d)
+        except PackageNotFoundError:
+            pass
+    return None
+
+
 def _driver() -> str:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -54,8 +66,8 @@ def stamp(device: torch.device, root: str) -> Dict:
             "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "triton": _version("triton"),
             "torchvision": _version("torchvision"), "numpy": _version("numpy"), "pillow": _version("PIL"),
-            "nvidia-dali": _version("nvidia.dali"), "deepspeed": _version("deepspeed"),
-            "lightly": _version("lightly"), "fastbyol": fastbyol.__version__, "commit": _commit(root),
+            "nvidia-dali": _installed("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali"),
+            "deepspeed": _installed("deepspeed"), "lightly": _installed("lightly"), "fastbyol": fastbyol.__version__, "commit": _commit(root),
             "fastbyol_from": os.path.dirname(fastbyol.__file__),
             "fastbyol_kernels_from": os.path.dirname(fastbyol_kernels.__file__), "cpu_count": os.cpu_count(),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
@@ -89,7 +101,7 @@ def markdown(result: Dict) -> str:
         lines += [f"**{result['headline']}**", ""]
     lines += ["## Targets", "", markdown_table(result["targets"], ["part", "target", "measured", "verdict"]), "",
               "## Parts", "", markdown_table([{"part": f"{p['letter']}. {name}", "status": p["status"],
-                                               "seconds": p.get("seconds"), "cap s": p.get("cap_s"),
+                                               "seconds": round(p.get("seconds") or 0, 1), "cap s": p.get("cap_s"),
                                                "what": p["title"]} for name, p in result["parts"].items()],
                                              ["part", "status", "seconds", "cap s", "what"]), ""]
     for name, p in result["parts"].items():

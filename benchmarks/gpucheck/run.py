@@ -92,6 +92,9 @@ def _spawn_part(name: str, args, cap: float, scratch: str) -> Dict:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         rc, timed_out = proc.wait(), True
+    except BaseException:  # this run is being stopped: its own session must not outlive it
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     res: Dict = {}
     if os.path.exists(path):
         with open(path) as fh:
@@ -150,6 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise FastByolError(f"gpu-check needs a CUDA GPU and torch {torch.__version__} sees none "
                             "(`fastbyol gpu-check --tiny` runs the CPU smoke version)")
     names = _select(args.parts)
+    signal.signal(signal.SIGTERM, _stop)  # e.g. `timeout`: the part's process group goes with this one
     device = _device(args.tiny)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -191,6 +195,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("\n" + markdown(result))
     print(f"wrote {os.path.join(run_dir, 'gpu_check.json')} and gpu_check.md", flush=True)
     return code
+
+
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _finish(result: Dict, t_start: float, run_dir: str) -> int:

@@ -56,6 +56,8 @@ def test_bench_train_missing_peers_are_skipped(tmp_path, monkeypatch):
     assert rows["fastbyol-synthetic"]["status"] == "ok"
     assert rows["lightly"]["status"].startswith("skipped: lightly not importable")
     assert rows["byol-pytorch"]["status"].startswith("skipped: byol-pytorch not installed")
+    md = (tmp_path / "bench_train_cpu_smoke.md").read_text().splitlines()
+    assert any("PEERS NOT MEASURED: lightly, byol-pytorch" in line for line in md[:6])  # loud, in the headline
 
 
 @pytest.mark.parametrize("hide_lightly", [False, True])

@@ -48,6 +48,7 @@ def test_tiny_records_every_part_and_times_the_trainers_step(tmp_path, monkeypat
     code, result = _run(tmp_path)
     assert code == 0, result["failed_parts"]
     assert (tmp_path / "gpu_check_tiny_cpu" / "gpu_check.md").is_file()
+    assert (tmp_path / "gpu_check_tiny_cpu" / "gpu_check.png").is_file()  # the e2e rows as bars
     st = result["stamp"]
     assert st["device"] and st["date"] and st["torch"] and "driver" in st
     parts = result["parts"]

@@ -123,3 +123,35 @@ def markdown(result: Dict) -> str:
                 lines.append(f"- {r['what']}: syncs at " + ", ".join(f"{k} ({v})" for k, v in r["where"].items()))
         lines += [f"- note: {n}" for n in p.get("notes", [])] + [""]
     return "\n".join(lines) + "\n"
+
+
+def plot(result: Dict, path: str):
+    """Images/s of every end-to-end row (parts c and f), one bar each, grouped by config; None
+    without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    bars = [(f"{r['config']} · {r['mode']}", r["img_s"], r["mode"]) for name, p in result["parts"].items()
+            if name.startswith(("e2e", "dali")) for r in p.get("rows", []) if r.get("status") == "ok" and r.get("img_s")]
+    if not bars:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(bars) + 1.4))
+    labels, vals, modes = zip(*bars[::-1])
+    colours = ["tab:blue" if m.startswith("fastbyol") else "tab:orange" if "lightly" in m else "tab:gray" for m in modes]
+    ax.barh(labels, vals, color=colours)
+    for y, v in enumerate(vals):
+        ax.text(v, y, f" {v:,.0f}", va="center", fontsize=7)
+    ax.set_xlabel("images/s (median step)")
+    ax.set_xlim(0, max(vals) * 1.2)
+    ax.tick_params(axis="y", labelsize=7)
+    s = result["stamp"]
+    ax.set_title(f"fastbyol gpu-check — {s['device']}{' (TINY CPU RUN)' if result['tiny'] else ''}\n"
+                 f"torch {s['torch']}, {s['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

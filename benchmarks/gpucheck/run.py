@@ -23,7 +23,7 @@ from fastbyol._checkout import checkout_root
 from fastbyol.errors import FastByolError
 
 from . import micro, train
-from .report import markdown, stamp
+from .report import markdown, plot, stamp
 from .settings import PART_NAMES, PARTS, PartSkip, settings
 
 DERIVED = {"name": "lightly-style", "letter": "d",
@@ -192,8 +192,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         result["headline"] = res.get("headline")
     code = _finish(result, t_start, run_dir)
     shutil.rmtree(scratch, ignore_errors=True)
+    png = plot(result, os.path.join(run_dir, "gpu_check.png"))
     print("\n" + markdown(result))
-    print(f"wrote {os.path.join(run_dir, 'gpu_check.json')} and gpu_check.md", flush=True)
+    print(f"wrote {os.path.join(run_dir, 'gpu_check.json')}, gpu_check.md" + (", gpu_check.png" if png else ""), flush=True)
     return code
 
 

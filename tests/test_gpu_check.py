@@ -172,7 +172,7 @@ def test_the_lightly_style_loop_computes_what_lightly_does():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     p, z = torch.randn(7, 8), torch.randn(7, 8)
     torch.testing.assert_close(ls.negative_cosine_similarity(p, z), NegativeCosineSimilarity()(p, z))
-    for step in (0, 3, 9, 12):
+    for step in (0, 3, 8, 9):
         assert ls.cosine_schedule(step, 10, 0.996, 1) == pytest.approx(cosine_schedule(step, 10, 0.996, 1), abs=1e-15)
 
 

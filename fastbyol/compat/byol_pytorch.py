@@ -169,6 +169,11 @@ class BYOL(nn.Module):
         v2 = self.augment2(x) if self.augment2 is not None else TwoViews(self.default_views.cfg, (1,))(x, seeds)
         return v1, v2
 
+    def training_views(self, x: torch.Tensor, seeds=None):
+        """:meth:`views` after the input checks (the trainer's data path calls this)."""
+        self._check_images(x)
+        return self.views(x, seeds)
+
     @torch.no_grad()
     def update_moving_average(self) -> None:
         """ξ ← τ·ξ + (1 − τ)·θ over the target encoder and projector (parameters; the target's

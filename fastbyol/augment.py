@@ -77,9 +77,9 @@ def crop_resize_batch(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.
     No antialiasing: crops shrunk by more than 2x alias, where PIL's bicubic filter would not.
     """
     n, _, height, width = x.shape
-    b = boxes.to(x.device, torch.float32)
-    top, left, h, w = b.unbind(1)
-    theta = torch.zeros(n, 2, 3, device=x.device, dtype=torch.float32)
+    dtype = x.dtype if x.dtype == torch.float64 else torch.float32  # sample positions in fp32 at least
+    top, left, h, w = boxes.to(x.device, dtype).unbind(1)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=dtype)
     theta[:, 0, 0] = w / width
     theta[:, 0, 2] = (2 * left + w) / width - 1
     theta[:, 1, 1] = h / height

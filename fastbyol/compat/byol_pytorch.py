@@ -18,12 +18,16 @@ Examples:
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as tdist
 from torch import nn
 from torch.utils.data import Dataset
+
+from fastbyol_kernels import byol_loss
 
 from ..batch_views import TwoViews
 from ..config import AugmentConfig
@@ -93,6 +97,8 @@ class BYOL(nn.Module):
         views_in_one_batch: ``True`` (byol-pytorch's way): both views go through the networks as
             one ``2B`` batch, so BatchNorm statistics are over both; ``False``: one forward per
             view, per-view statistics, as the BYOL reference and ``fastbyol train``.
+        kernels: backend of the fused loss and EMA, ``auto|triton|torch`` (fastbyol's
+            ``train.kernels``); default ``BYOL.default_kernels`` (``auto``).
 
     Raises:
         ValueError: a ``hidden_layer`` that does not exist; at call time, images that are not
@@ -100,12 +106,14 @@ class BYOL(nn.Module):
             of one in training mode (BatchNorm).
     """
 
+    default_kernels = "auto"
+
     def __init__(self, net: nn.Module, image_size: int, hidden_layer: Union[str, int, None] = -2,
                  projection_size: int = 256, projection_hidden_size: int = 4096,
                  augment_fn: Optional[Callable] = None, augment_fn2: Optional[Callable] = None,
                  moving_average_decay: float = 0.99, use_momentum: bool = True,
                  sync_batchnorm: Optional[bool] = None, use_simplicial_embeddings: bool = False,
-                 views_in_one_batch: bool = True, **simplicial_kwargs):
+                 views_in_one_batch: bool = True, kernels: Optional[str] = None, **simplicial_kwargs):
         super().__init__()
         if use_simplicial_embeddings:
             raise ValueError("use_simplicial_embeddings=True is not supported: fastbyol builds the README's "
@@ -119,11 +127,15 @@ class BYOL(nn.Module):
             raise ValueError(f"moving_average_decay must be in [0, 1], got {moving_average_decay}")
         self.image_size, self.hidden_layer = image_size, hidden_layer
         self.moving_average_decay, self.use_momentum = moving_average_decay, use_momentum
+        self.kernels = kernels or self.default_kernels
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernels must be auto, triton or torch, got {self.kernels!r}")
         device = next(net.parameters()).device
         self.model = FastBYOL(net, hidden_layer=hidden_layer_name(net, hidden_layer), image_size=image_size,
                               projector_hidden=projection_hidden_size, projection_dim=projection_size,
                               predictor_hidden=projection_hidden_size, use_momentum=use_momentum,
-                              views_in_one_batch=views_in_one_batch)
+                              views_in_one_batch=views_in_one_batch,
+                              loss_fn=functools.partial(byol_loss, backend=self.kernels))
         online = self.model.online
         if not use_momentum:
             online.projector = simsiam_mlp(self.model.feature_dim, projection_size, projection_hidden_size)
@@ -154,12 +166,14 @@ class BYOL(nn.Module):
         self._check_images(x)
         online = self.model.online
         if return_embedding:
-            representation = online.encoder(x)
-            if not return_projection:
-                return representation
-            return online.projector(representation), representation
+            with self._size_errors(x):
+                representation = online.encoder(x)
+                if not return_projection:
+                    return representation
+                return online.projector(representation), representation
         v1, v2 = self.views(x)
-        return self.model(v1, v2).loss
+        with self._size_errors(v1):
+            return self.model(v1, v2).loss
 
     def views(self, x: torch.Tensor, seeds=None):
         """The two augmented views of ``x`` (the default ones from one batched pass)."""
@@ -181,7 +195,7 @@ class BYOL(nn.Module):
         if not self.use_momentum:
             raise ValueError("update_moving_average: there is no moving average with use_momentum=False "
                              "(the target is the online network)")
-        self.model.update_target(self.moving_average_decay, buffers="none")
+        self.model.update_target(self.moving_average_decay, buffers="none", backend=self.kernels)
 
     @torch.no_grad()
     def reset_moving_average(self) -> None:
@@ -203,6 +217,19 @@ class BYOL(nn.Module):
             raise ValueError("a batch of one image cannot be trained on: the projector's BatchNorm needs "
                              "more than one sample (use a larger batch, or learner.eval() for embeddings)")
         self._input_hw = tuple(x.shape[2:])
+
+    @contextlib.contextmanager
+    def _size_errors(self, x: torch.Tensor):
+        """A shape error inside the network, for inputs of another size than the learner was
+        built for, as one ValueError that says so."""
+        try:
+            yield
+        except RuntimeError as e:
+            if tuple(x.shape[2:]) == (self.image_size, self.image_size):
+                raise
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"the network cannot take {x.shape[2]}x{x.shape[3]} inputs ({first}); this learner "
+                             f"was built for image_size {self.image_size}") from None
 
     def _check_features(self, module, inputs) -> None:
         width, want = inputs[0].shape[-1], self.model.feature_dim

@@ -363,3 +363,17 @@ def test_readme_code_blocks_run_with_only_the_import_changed(tmp_path, monkeypat
     assert os.path.isfile(tmp_path / "checkpoints" / "checkpoint.1.pt")
     projection, embedding = namespace["projection"], namespace["embedding"]
     assert projection.shape == (2, 256) and embedding.shape == (2, 512)
+
+
+def test_trainer_under_torchrun_runs_on_deepspeed_with_identical_replicas(tmp_path):
+    pytest.importorskip("deepspeed")
+    from test_deepspeed import _launch, torchrun
+
+    _launch(torchrun(os.path.join(os.path.dirname(__file__), "compat_train_worker.py"), str(tmp_path)))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for k in r0:
+        if k.endswith(("weight", "bias")):  # BN statistics are per rank on CPU (no SyncBN)
+            assert torch.equal(r0[k], r1[k]), k
+    names = set(os.listdir(tmp_path))
+    assert {"checkpoint.pt", "checkpoint.1.pt", "checkpoint.last.pt"} <= names
+    assert "deepspeed" in names and torch.load(tmp_path / "checkpoint.pt", weights_only=False)["optimizer_class"] == "deepspeed:Adam"

@@ -15,6 +15,9 @@ EXTRAS = {
     "dali-cuda120": ["nvidia-dali-cuda120"],
     "deepspeed": ["deepspeed==0.19.8"],
     "bench": ["lightly==1.6.0", "byol-pytorch==0.9.1"],
+    # fastbyol.compat.byol_pytorch's tests: the peer itself and what its README imports. Install
+    # with --no-deps (.ci/run does): byol-pytorch would pull accelerate, kornia an unpinned torch.
+    "compat-test": ["byol-pytorch==0.9.1", "einops==0.8.2", "kornia==0.9.0", "kornia-rs==0.2.0"],
 }
 EXTRAS["all"] = sorted({d for k in ("test", "dali", "deepspeed") for d in EXTRAS[k]})
 

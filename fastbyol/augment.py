@@ -354,6 +354,7 @@ def unnormalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
 
 __all__ = [
     "ViewDraws", "draw_sample", "stack_draws", "draw_batch", "sample_crop_box", "crop_resize", "two_crops",
-    "center_view", "augment_view", "photometric_view", "crop_resize_batch", "augment_pair", "color_jitter", "gaussian_blur", "grayscale", "adjust_hue",
+    "center_view", "augment_view", "photometric_view", "crop_resize_batch",
+    "augment_pair", "color_jitter", "gaussian_blur", "grayscale", "adjust_hue",
     "normalize", "unnormalize",
 ]

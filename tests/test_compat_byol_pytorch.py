@@ -178,7 +178,8 @@ def test_network_trained_in_place_and_saved_weights_improve(tmp_path):
     torch.save(net.state_dict(), tmp_path / "net.pt")
     saved = torch.load(tmp_path / "net.pt")
     assert not torch.equal(saved["0.weight"], before["0.weight"])
-    assert not torch.equal(learner.model.target.state_dict()["encoder.net.0.weight"], target_before["encoder.net.0.weight"])
+    key = "encoder.net.0.weight"
+    assert not torch.equal(learner.model.target.state_dict()[key], target_before[key])
     learner.reset_moving_average()
     torch.testing.assert_close(learner.model.target.encoder.net[0].weight, net[0].weight)
 
@@ -246,6 +247,16 @@ def test_augment_fn2_defaults_to_augment_fn():
     learner = BYOL(tiny_net(), augment_fn=fn, **KW)
     learner(torch.rand(4, 3, 16, 16))
     assert len(calls) == 2
+
+
+def test_augment_fn2_alone_pairs_with_fastbyols_first_view():
+    learner = BYOL(tiny_net(), augment_fn2=lambda x: x[:, :, :16, :16], **KW)
+    x = torch.rand(4, 3, 20, 20)
+    torch.manual_seed(5)
+    v1, v2 = learner.views(x)
+    torch.manual_seed(5)
+    assert torch.equal(v1, learner.default_views(x)[0])  # the default's view 1, same draws
+    assert torch.equal(v2, x[:, :, :16, :16])
 
 
 @pytest.mark.parametrize("h,w,size", [(13, 17, 7), (20, 20, 20), (9, 31, 12)])
@@ -324,7 +335,8 @@ SHRINK = [
     ("from byol_pytorch import", "from fastbyol.compat.byol_pytorch import"),  # the one real change
     ("pretrained=True", "weights=None"), ("pretrained = True", "weights = None"),
     ("models.resnet50", "models.resnet18"), ("image_size = 256", "image_size = 32"),
-    ("torch.randn(20, 3, 256, 256)", "torch.randn(4, 3, 32, 32)"), ("torch.randn(2, 3, 256, 256)", "torch.randn(2, 3, 32, 32)"),
+    ("torch.randn(20, 3, 256, 256)", "torch.randn(4, 3, 32, 32)"),
+    ("torch.randn(2, 3, 256, 256)", "torch.randn(2, 3, 32, 32)"),
     ("range(100)", "range(2)"), ("projection_hidden_size = 4096", "projection_hidden_size = 64"),
     ("MockDataset(256, 10000)", "MockDataset(32, 16)"), ("num_train_steps = 100_000", "num_train_steps = 2"),
     ("batch_size = 16", "batch_size = 8"), ("checkpoint_every = 1000", "checkpoint_every = 1"),
@@ -376,4 +388,5 @@ def test_trainer_under_torchrun_runs_on_deepspeed_with_identical_replicas(tmp_pa
             assert torch.equal(r0[k], r1[k]), k
     names = set(os.listdir(tmp_path))
     assert {"checkpoint.pt", "checkpoint.1.pt", "checkpoint.last.pt"} <= names
-    assert "deepspeed" in names and torch.load(tmp_path / "checkpoint.pt", weights_only=False)["optimizer_class"] == "deepspeed:Adam"
+    assert "deepspeed" in names
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["optimizer_class"] == "deepspeed:Adam"

@@ -110,7 +110,8 @@ class BYOLTrainer:
         dist = dist_info_from_env()
         steps_per_epoch = len(dataset) // batch_size
         if steps_per_epoch < 1:
-            raise ValueError(f"BYOLTrainer: batch size {batch_size} is larger than the data set ({len(dataset)} images)")
+            raise ValueError(f"BYOLTrainer: batch size {batch_size} is larger than the data set "
+                             f"({len(dataset)} images)")
         if resume is True:
             resume = checkpoint_folder
         cfg = Config(

@@ -147,10 +147,9 @@ class BYOL(nn.Module):
                 self.model.target.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.model.target.projector)
         online.projector.register_forward_pre_hook(self._check_features)
         self.to(device)
-        default = TwoViews(default_augment_config(image_size))
-        self.augment1 = augment_fn if augment_fn is not None else None
-        self.augment2 = augment_fn2 if augment_fn2 is not None else augment_fn
-        self.default_views = default
+        # User augmentations as byol-pytorch pairs them (None: fastbyol's view for that side).
+        self.augment1, self.augment2 = augment_fn, augment_fn2 if augment_fn2 is not None else augment_fn
+        self.default_views = TwoViews(default_augment_config(image_size))
         self._input_hw = None
 
     # ------------------------------------------------------------------ byol-pytorch's API

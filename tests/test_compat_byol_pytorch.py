@@ -313,7 +313,7 @@ def test_trainer_checkpoints_and_resumes_exactly(tmp_path, capsys):
     t_b()
     for (k, a), b in zip(net_full.state_dict().items(), net_b.state_dict().values()):
         assert torch.equal(a, b), k
-    assert "step 7/" in capsys.readouterr().out
+    assert "step 7/7 " in capsys.readouterr().out
 
 
 def test_trainer_rejects_bad_arguments(tmp_path):

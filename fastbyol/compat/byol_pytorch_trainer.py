@@ -30,6 +30,7 @@ class _DatasetTrainer(Trainer):
         self.learner, self.dataset = learner, dataset
         self.learning_rate, self.checkpoint_every = learning_rate, checkpoint_every
         super().__init__(cfg, dist, engine_factory=engine_factory)
+        self.monitor.total_steps = self.stop_step  # progress counts num_train_steps, not whole epochs
 
     def sources(self):
         return self.dataset, None

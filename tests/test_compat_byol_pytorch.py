@@ -316,6 +316,27 @@ def test_trainer_checkpoints_and_resumes_exactly(tmp_path, capsys):
     assert "step 7/7 " in capsys.readouterr().out
 
 
+class PILPairs(torch.utils.data.Dataset):
+    """(PIL image, label) items, as a torchvision dataset without a transform gives them."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        g = torch.Generator().manual_seed(i)
+        return Image.fromarray(torch.randint(0, 256, (20, 20, 3), generator=g, dtype=torch.uint8).numpy()), i % 2
+
+
+def test_trainer_takes_pil_tuples_and_use_momentum_false(tmp_path):
+    t, net = trainer(tmp_path, 2, dataset=PILPairs(), byol_kwargs=dict(projection_size=16, projection_hidden_size=32,
+                                                                       use_momentum=False))
+    before = net[0].weight.detach().clone()
+    assert t()["steps"] == 2
+    assert t.byol.model.target is None and not torch.equal(before, net[0].weight)
+
+
 def test_trainer_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="num_train_steps"):
         trainer(tmp_path, 0)

@@ -17,6 +17,9 @@ EXTRAS = {
     # Peers for the benchmarks: install with --no-deps (README); lightly's transforms need
     # lightning-utilities, byol-pytorch's learner einops.
     "bench": ["lightly==1.6.0", "lightning-utilities==0.15.3", "byol-pytorch==0.9.1", "einops==0.8.2"],
+    # fastbyol.compat.byol_pytorch's tests: the peer itself and what its README imports. Install
+    # with --no-deps (.ci/run does): byol-pytorch would pull accelerate, kornia an unpinned torch.
+    "compat-test": ["byol-pytorch==0.9.1", "einops==0.8.2", "kornia==0.9.0", "kornia-rs==0.2.0"],
 }
 EXTRAS["all"] = sorted({d for k in ("test", "dali", "deepspeed") for d in EXTRAS[k]})
 

@@ -67,6 +67,27 @@ def crop_resize(img, box: Tuple[int, int, int, int], size: int) -> np.ndarray:
     return np.array(out, dtype=np.uint8).transpose(2, 0, 1)
 
 
+def crop_resize_batch(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Random resized crops of a float image batch on its own device, in one pass.
+
+    ``x`` is ``[B, C, H, W]``, ``boxes`` ``[B, 4]`` (top, left, h, w) in pixels (as
+    :func:`sample_crop_box` draws them); returns ``[B, C, size, size]``. Each crop is one affine
+    map of ``grid_sample`` (bilinear, ``align_corners=False``: the pixel-centre convention of
+    ``F.interpolate``), so a box covering the whole image at its own size returns it unchanged.
+    No antialiasing: crops shrunk by more than 2x alias, where PIL's bicubic filter would not.
+    """
+    n, _, height, width = x.shape
+    dtype = x.dtype if x.dtype == torch.float64 else torch.float32  # sample positions in fp32 at least
+    top, left, h, w = boxes.to(x.device, dtype).unbind(1)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=dtype)
+    theta[:, 0, 0] = w / width
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
 # ----------------------------------------------------------------------------- random choices (host)
 
 @dataclass
@@ -287,7 +308,12 @@ def augment_view(x: torch.Tensor, view: ViewConfig, cfg: AugmentConfig, d: ViewD
     Returns:
         Normalised ``[B, 3, S, S]`` tensor of ``out_dtype``.
     """
-    x = x.float().div_(255.0)
+    return photometric_view(x.float().div_(255.0), view, cfg, d, out_dtype, channels_last)
+
+
+def photometric_view(x: torch.Tensor, view: ViewConfig, cfg: AugmentConfig, d: ViewDraws,
+                     out_dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
+    """:func:`augment_view` on float images in [0, 1] (``[B, 3, S, S]``, any float dtype)."""
     x = torch.where(_per_sample(d.flip), x.flip(3), x)
     if view.jitter_p > 0:
         x = color_jitter(x, view, d)
@@ -328,6 +354,7 @@ def unnormalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
 
 __all__ = [
     "ViewDraws", "draw_sample", "stack_draws", "draw_batch", "sample_crop_box", "crop_resize", "two_crops",
-    "center_view", "augment_view", "augment_pair", "color_jitter", "gaussian_blur", "grayscale", "adjust_hue",
+    "center_view", "augment_view", "photometric_view", "crop_resize_batch",
+    "augment_pair", "color_jitter", "gaussian_blur", "grayscale", "adjust_hue",
     "normalize", "unnormalize",
 ]

@@ -298,12 +298,15 @@ def import_deepspeed(device: torch.device):
     return deepspeed
 
 
-def make_engine(model, cfg: Config, device: torch.device, dist: DistInfo, ds_config: Dict[str, Any]) -> DeepSpeedEngine:
-    """The trainer's ``engine_factory``: SyncBN, identical replicas, DeepSpeed around ``model.online``."""
+def make_engine(model, cfg: Config, device: torch.device, dist: DistInfo, ds_config: Dict[str, Any],
+                optimizer_factory=None) -> DeepSpeedEngine:
+    """The trainer's ``engine_factory``: SyncBN, identical replicas, DeepSpeed around ``model.online``.
+    ``optimizer_factory(params)`` replaces the configured optimizer (fastbyol.compat)."""
     deepspeed = import_deepspeed(device)
     sync_bn = convert_sync_batchnorm(model, device, dist.world_size, cfg.dist.sync_bn, announce=dist.is_main)
     broadcast_module_state(model.online, model.target)
-    optimizer = build_optimizer(model.online, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.train.batch_size))
+    optimizer = (optimizer_factory(model.online.parameters()) if optimizer_factory is not None else
+                 build_optimizer(model.online, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.train.batch_size)))
     # DeepSpeed broadcasts the weights as raw bytes, which needs row-major tensors; ZeRO then
     # re-points them into its flat buffers. Stage 0 gets its layout back (the same layout
     # as a single-process run); under ZeRO the target follows the online network, so that
@@ -320,9 +323,11 @@ def make_engine(model, cfg: Config, device: torch.device, dist: DistInfo, ds_con
     return DeepSpeedEngine(ds, model, device, cfg.train.precision, dist, sync_bn)
 
 
-def deepspeed_trainer(cfg: Config, dist: DistInfo) -> Trainer:
-    """Join (or create) the process group and build a :class:`Trainer` on the DeepSpeed engine.
-    Configuration errors are raised before any process group exists."""
+def deepspeed_trainer(cfg: Config, dist: DistInfo, trainer_cls=Trainer, optimizer_factory=None,
+                      **trainer_kwargs) -> Trainer:
+    """Join (or create) the process group and build a :class:`Trainer` (or ``trainer_cls``, given
+    ``trainer_kwargs``) on the DeepSpeed engine. Configuration errors are raised before any
+    process group exists."""
     cfg.validate()
     ds_config = deepspeed_config(cfg, dist.world_size)
     device = resolve_device(cfg.train.device, dist)
@@ -335,7 +340,8 @@ def deepspeed_trainer(cfg: Config, dist: DistInfo) -> Trainer:
     if tdist.get_world_size() != dist.world_size:
         raise FastByolError(f"launcher says WORLD_SIZE={dist.world_size} but the process group has "
                             f"{tdist.get_world_size()} ranks")
-    return Trainer(cfg, dist, engine_factory=partial(make_engine, ds_config=ds_config))
+    return trainer_cls(cfg, dist, engine_factory=partial(make_engine, ds_config=ds_config,
+                                                         optimizer_factory=optimizer_factory), **trainer_kwargs)
 
 
 def run_deepspeed(cfg: Config, dist: DistInfo) -> Optional[Dict]:

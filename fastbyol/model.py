@@ -82,6 +82,8 @@ class BYOL(nn.Module):
             :class:`~fastbyol.backbones.HiddenLayer`).
         use_momentum: ``False`` gives the SimSiam-style target: the online encoder and
             projector with stop-gradient, no EMA.
+        views_in_one_batch: forward both views as one ``2B`` batch (byol-pytorch's way; BatchNorm
+            statistics are then over both views) instead of one forward per view (the reference).
         loss_fn: ``(p1, p2, z1, z2) -> scalar``; defaults to the fused
             :func:`fastbyol_kernels.byol_loss`.
 
@@ -97,7 +99,7 @@ class BYOL(nn.Module):
     def __init__(self, encoder: Union[str, nn.Module] = "resnet50", *, cifar_stem: bool = False,
                  hidden_layer: Union[str, int, None] = None, image_size: int = 32,
                  projector_hidden: int = 4096, projection_dim: int = 256, predictor_hidden: int = 4096,
-                 use_momentum: bool = True, loss_fn=None):
+                 use_momentum: bool = True, loss_fn=None, views_in_one_batch: bool = False):
         super().__init__()
         if isinstance(encoder, str):
             encoder, dim = build_encoder(encoder, cifar_stem)
@@ -108,7 +110,7 @@ class BYOL(nn.Module):
         projector = MLPHead(dim, projector_hidden, projection_dim)
         predictor = MLPHead(projection_dim, predictor_hidden, projection_dim)
         self.online = OnlineNetwork(encoder, projector, predictor)
-        self.use_momentum = use_momentum
+        self.use_momentum, self.views_in_one_batch = use_momentum, views_in_one_batch
         self.target: Optional[TargetNetwork] = (
             TargetNetwork(copy.deepcopy(encoder), copy.deepcopy(projector)) if use_momentum else None)
         if loss_fn is None:
@@ -125,11 +127,15 @@ class BYOL(nn.Module):
         """Symmetric BYOL loss of two batches of views. ``online`` overrides ``self.online``
         (a DeepSpeed engine wrapping it)."""
         online = online if online is not None else self.online
-        # One forward per view, as the reference: BatchNorm statistics are per view.
-        p1, z1 = online(v1)
-        p2, z2 = online(v2)
-        t1 = self.target_forward(v1, z1)
-        t2 = self.target_forward(v2, z2)
+        if self.views_in_one_batch:  # byol-pytorch: one forward, statistics over both views
+            both = torch.cat((v1, v2))
+            p, z = online(both)
+            (p1, p2), (z1, _), (t1, t2) = p.chunk(2), z.chunk(2), self.target_forward(both, z).chunk(2)
+        else:  # one forward per view, as the reference: BatchNorm statistics are per view
+            p1, z1 = online(v1)
+            p2, z2 = online(v2)
+            t1 = self.target_forward(v1, z1)
+            t2 = self.target_forward(v2, z2)
         loss = self.loss_fn(p1, p2, t1, t2)
         return BYOLOutput(loss=loss, z=z1.detach())
 

@@ -103,10 +103,9 @@ class Trainer:
             check_writable(t.out)
         self.device = resolve_device(t.device, self.dist)
         seed_everything(t.seed)
-        self.train_src, self.val_src = resolve_sources(cfg)
+        self.train_src, self.val_src = self.sources()
         self.micro_batch = t.batch_size // (self.dist.world_size * cfg.dist.grad_accum)
-        self.loader = build_train_loader(cfg, self.train_src, self.device, self.micro_batch,
-                                         self.dist.rank, self.dist.world_size)
+        self.loader = self.train_loader()
         self.steps_per_epoch = len(self.loader) // cfg.dist.grad_accum
         if self.steps_per_epoch < 1:
             raise FastByolError(f"batch size {t.batch_size} is larger than the data set ({len(self.train_src)} images)")
@@ -115,7 +114,7 @@ class Trainer:
         self.peak_lr = scaled_lr(cfg.optim.base_lr, t.batch_size)
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
 
-        self.model = build_model(cfg, self.device)
+        self.model = self.build_model()
         if engine_factory is None:
             opt = build_optimizer(self.model.online, cfg.optim, self.peak_lr)
             self.engine = LocalEngine(self.model.online, opt, self.device, t.precision, cfg.dist.grad_accum, t.compile)
@@ -129,6 +128,25 @@ class Trainer:
         self.ckpt_path = os.path.join(t.out, CHECKPOINT_NAME)
         if t.resume:
             self._resume(t.resume)
+
+    # ------------------------------------------------------------------ parts a subclass may replace
+    # (fastbyol.compat.byol_pytorch's BYOLTrainer: a user's network, Dataset and constant schedules)
+    def sources(self):
+        """(training source, labelled kNN source)."""
+        return resolve_sources(self.cfg)
+
+    def train_loader(self):
+        return build_train_loader(self.cfg, self.train_src, self.device, self.micro_batch,
+                                  self.dist.rank, self.dist.world_size)
+
+    def build_model(self) -> BYOL:
+        return build_model(self.cfg, self.device)
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.peak_lr, self.warmup_steps)
+
+    def tau_at(self, step: int) -> float:
+        return tau_at(step, self.total_steps, self.cfg.optim.tau_base)
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> Dict:
@@ -181,8 +199,8 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=self.device)
         self._loss_n = 0
         self._buffers = BN_BUFFER_MODES[self.cfg.model.bn_buffers]
-        self.tau = tau_at(self.step, self.total_steps, self.cfg.optim.tau_base)
-        self.lr = lr_at(self.step, self.total_steps, self.peak_lr, self.warmup_steps)
+        self.tau = self.tau_at(self.step)
+        self.lr = self.lr_at(self.step)
         self.engine.set_lr(self.lr)
         self.model.train()
 
@@ -199,10 +217,10 @@ class Trainer:
         self._loss_n += 1
         if not self.engine.step():
             return out, False
-        self.tau = tau_at(self.step, self.total_steps, self.cfg.optim.tau_base)
+        self.tau = self.tau_at(self.step)
         self.model.update_target(self.tau, self._buffers, self.cfg.train.kernels, source=self.engine.ema_source())
         self.step += 1
-        self.lr = lr_at(self.step, self.total_steps, self.peak_lr, self.warmup_steps)
+        self.lr = self.lr_at(self.step)
         self.engine.set_lr(self.lr)
         return out, True
 

@@ -1,0 +1,90 @@
+"""A user's ``torch.utils.data.Dataset`` of images as a training data path.
+
+Items may be image tensors ``[3, H, W]`` (float, or uint8 scaled to [0, 1]), PIL images, or
+``(image, label, ...)`` tuples (the image is the first element). Batches are drawn by the
+torch path's :class:`~fastbyol.data.torch_loader.EpochShardSampler` (a function of
+``(seed, epoch)``, sharded over ranks, full batches only), moved to the training device, and
+turned into two views there by ``views(images, seeds)`` with image ``i``'s random choices
+seeded by ``(seed, epoch, i)``, so a resumed run sees the views it would have seen.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset
+
+from ..errors import FastByolError
+from .base import TwoViewBatch
+from .torch_loader import EpochShardSampler
+
+
+def image_tensor(item) -> torch.Tensor:
+    """One dataset item as a float ``[C, H, W]`` image tensor."""
+    if isinstance(item, (tuple, list)) and item:
+        item = item[0]
+    if isinstance(item, np.ndarray):
+        item = torch.from_numpy(np.ascontiguousarray(item.transpose(2, 0, 1) if item.ndim == 3 else item))
+    elif not isinstance(item, torch.Tensor) and hasattr(item, "convert"):  # a PIL image
+        item = torch.from_numpy(np.array(item.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy())
+    if not isinstance(item, torch.Tensor) or item.dim() != 3:
+        shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
+        raise FastByolError(f"dataset items must be [3, H, W] image tensors, PIL images or (image, ...) "
+                            f"tuples; got {shape}")
+    if not item.is_floating_point():
+        item = item.float().div_(255.0)
+    return item
+
+
+class _Indexed(Dataset):
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, indices):
+        images = [image_tensor(self.dataset[i]) for i in indices]
+        shapes = {tuple(im.shape) for im in images}
+        if len(shapes) > 1:
+            raise FastByolError(f"dataset images differ in size ({', '.join(map(str, sorted(shapes)[:3]))}): "
+                                "resize them to one size in the Dataset")
+        return torch.stack(images), torch.as_tensor(list(indices))
+
+
+class DatasetTwoViewLoader:
+    """:class:`~fastbyol.data.base.TwoViewLoader` over a user ``Dataset``.
+
+    Args:
+        dataset: any map-style dataset (``len`` and ``[i]``).
+        views: ``views(images [B, 3, H, W] on device, seeds) -> (view1, view2)``.
+        batch_size: per-rank micro-batch.
+    """
+
+    def __init__(self, dataset: Dataset, views: Callable, batch_size: int, device: torch.device,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0):
+        if len(dataset) < batch_size * world_size:
+            raise FastByolError(f"batch size {batch_size * world_size} is larger than the data set "
+                                f"({len(dataset)} images)")
+        self.dataset, self.views, self.batch_size = dataset, views, batch_size
+        self.device, self.seed, self.workers = torch.device(device), seed, workers
+        self.sampler = EpochShardSampler(len(dataset), batch_size, seed, rank, world_size)
+        self.epoch, self.start_step = 0, 0
+
+    def __len__(self) -> int:
+        return self.sampler.steps_per_epoch()
+
+    @property
+    def skipped(self) -> int:
+        return 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self) -> Iterator[TwoViewBatch]:
+        self.sampler.epoch, self.sampler.start = self.epoch, self.start_step * self.batch_size
+        batches = BatchSampler(self.sampler, self.batch_size, drop_last=True)
+        loader = DataLoader(_Indexed(self.dataset), batch_size=None, sampler=batches, num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda")
+        for images, idx in loader:
+            images = images.to(self.device, non_blocking=True)
+            v1, v2 = self.views(images, [(self.seed, self.epoch, int(i)) for i in idx])
+            yield TwoViewBatch(v1, v2, torch.full((len(idx),), -1, dtype=torch.int64, device=self.device))

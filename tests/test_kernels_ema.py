@@ -277,16 +277,25 @@ def test_backends_agree_with_lerp(t_dtype):
 # ----------------------------------------------------------------------------- plan cache
 
 def test_plan_cache_keys_on_strides():
-    # Same address, size and dtype, another pairing: a transposed target against a
-    # contiguous online must not reuse the contiguous plan (it paired by memory position).
+    # Same addresses, sizes and dtypes, another pairing: a transposed target against a
+    # contiguous online must not reuse the contiguous plan (it pairs by memory position).
     g = torch.Generator().manual_seed(6)
-    t, o = torch.randn(33, 17, generator=g), torch.randn(17, 33, generator=g)
-    ema_update_([t.t().contiguous().t().t()], [o], 0.5, backend="triton")  # warm a plan for (t's memory?)
-    tt = t.t()
-    want = 0.5 * tt.double() + 0.5 * o.double()
-    ema_update_([t.view(17, 33)], [o], 1.0, backend="triton")  # contiguous plan on t's address
-    ema_update_([tt], [o], 0.5, backend="triton")  # same address, numel, dtype: other strides
+    t, o = torch.randn(33, 17, generator=g), torch.randn(33, 17, generator=g)
+    ema_update_([t], [o], 1.0, backend="triton")  # caches the contiguous plan (m = 1: no change)
+    tt, ov = t.t(), o.view(17, 33)
+    want = 0.5 * tt.double() + 0.5 * ov.double()
+    ema_update_([tt], [ov], 0.5, backend="triton")
     torch.testing.assert_close(tt.double(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_stride_blind_cache_is_caught(monkeypatch):
+    old_key = lambda ts, os_: (tuple(map(torch.Tensor.data_ptr, ts)), tuple(map(torch.Tensor.data_ptr, os_)),  # noqa
+                               tuple(map(torch.Tensor.numel, ts)), tuple(t.dtype for t in ts + os_))
+    monkeypatch.setattr(ema_mod, "plan_key", old_key)
+    ema_mod._plans.clear()
+    with pytest.raises(AssertionError):
+        test_plan_cache_keys_on_strides()
+    ema_mod._plans.clear()
 
 
 def test_plan_cache_keys_on_shape_of_the_online():

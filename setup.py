@@ -20,6 +20,9 @@ EXTRAS = {
     # fastbyol.compat.byol_pytorch's tests: the peer itself and what its README imports. Install
     # with --no-deps (.ci/run does): byol-pytorch would pull accelerate, kornia an unpinned torch.
     "compat-test": ["byol-pytorch==0.9.1", "einops==0.8.2", "kornia==0.9.0", "kornia-rs==0.2.0"],
+    # The EMA drop-in tests compare against these; torch-dependent, so installed with
+    # --no-deps (.ci/run does): at import they need only tqdm besides torch/torchvision/numpy.
+    "peers": ["timm==1.0.31", "lightly==1.6.0", "tqdm"],
 }
 EXTRAS["all"] = sorted({d for k in ("test", "dali", "deepspeed") for d in EXTRAS[k]})
 

@@ -1,0 +1,156 @@
+"""Preemption, for real: training subprocesses stopped by SIGTERM and Ctrl-C, killed with SIGKILL
+at random moments and in the middle of a checkpoint write, then resumed with ``--resume auto``
+until they end bitwise equal to an uninterrupted run (local engine; the DeepSpeed ones are in
+test_preemption_deepspeed.py)."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastbyol.checkpoint import SLOW_SAVE_ENV, load_checkpoint
+from fastbyol.cli import main
+
+from helpers import make_image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12  # 6 epochs of 2 steps
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data") / "imgs", classes=2, per_class=20)
+
+
+def args(data, out, *extra):
+    return ["train", "--preset", "smoke", "--data", data, "--out", str(out), "--train.kernels", "torch",
+            "--train.knn_every", "0", "--epochs", "6", "--train.log_every", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+    """The uninterrupted run every test must end equal to."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main(args(data_dir, out)) == 0
+    return load_checkpoint(str(out))
+
+
+class Run:
+    """``python -m fastbyol train ...`` in a subprocess, its output read line by line."""
+
+    def __init__(self, argv, env=None):
+        e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                 PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), **(env or {}))
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastbyol", *argv], cwd=ROOT, env=e, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines = []
+
+    def wait_for(self, text, timeout=120):
+        """Read until a line contains ``text``; False if the process ended first."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            line = self.proc.stdout.readline()
+            if not line:
+                return False
+            self.lines.append(line)
+            if text in line:
+                return True
+        raise AssertionError(f"no {text!r} within {timeout} s:\n{''.join(self.lines)[-3000:]}")
+
+    def finish(self, timeout=120):
+        out, _ = self.proc.communicate(timeout=timeout)
+        self.lines.append(out)
+        return self.proc.returncode, "".join(self.lines)
+
+
+def assert_equal_to(straight, out):
+    ck = load_checkpoint(str(out))
+    assert ck["step"] == STEPS
+    for net in ("online", "target"):
+        for k, v in straight[net].items():
+            assert torch.equal(v, ck[net][k]), f"{net}.{k}"
+    for i, st in straight["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, ck["optimizer"]["state"][i][k]), f"optimizer {i}.{k}"
+    steps = [r["step"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))  # metrics trimmed at every resume: no step twice
+
+
+def test_sigterm_checkpoints_exits_143_and_resumes_exactly(data_dir, straight, tmp_path):
+    out = tmp_path / "run"
+    run = Run(args(data_dir, out, "--resume", "auto", "--train.ckpt_every", "0"))
+    assert run.wait_for(f"step 3/{STEPS}")
+    run.proc.send_signal(signal.SIGTERM)
+    code, text = run.finish()
+    assert code == 143, text[-2000:]
+    stop = [x for x in text.splitlines() if "stopped by SIGTERM" in x]
+    assert len(stop) == 1 and stop[0].startswith("fastbyol: ") and "--resume auto" in stop[0]
+    step = int(stop[0].split("after step ")[1].split(":")[0])
+    assert 3 <= step < STEPS and load_checkpoint(str(out))["step"] == step  # ckpt_every 0: only the SIGTERM one
+    assert main(args(data_dir, out, "--resume", "auto")) == 0
+    assert_equal_to(straight, out)
+
+
+def test_ctrl_c_checkpoints_and_a_second_one_exits_at_once(data_dir, straight, tmp_path):
+    out = tmp_path / "run"
+    run = Run(args(data_dir, out, "--resume", "auto"))
+    assert run.wait_for(f"step 3/{STEPS}")
+    run.proc.send_signal(signal.SIGINT)
+    code, text = run.finish()
+    assert code == 130 and "stopped by SIGINT" in text, text[-2000:]
+    step = load_checkpoint(str(out))["step"]
+    before = open(out / "checkpoint.pt", "rb").read()
+    # Again, with a checkpoint write that hangs half-way: the second Ctrl-C does not wait for it.
+    run = Run(args(data_dir, out, "--resume", "auto"), env={SLOW_SAVE_ENV: "60"})
+    assert run.wait_for(f"step {step + 1}/{STEPS}")
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait_for("fastbyol-test: mid-write")
+    time.sleep(1.2)  # a second Ctrl-C within a second counts as the same one (torchrun forwards it)
+    t0 = time.monotonic()
+    run.proc.send_signal(signal.SIGINT)
+    code, text = run.finish()
+    assert code == 130 and "second Ctrl-C" in text and time.monotonic() - t0 < 10, text[-2000:]
+    assert open(out / "checkpoint.pt", "rb").read() == before  # the interrupted write touched only a .tmp
+    assert main(args(data_dir, out, "--resume", "auto")) == 0
+    assert_equal_to(straight, out)
+
+
+def test_kill_9_in_the_middle_of_a_checkpoint_write(data_dir, straight, tmp_path):
+    out = tmp_path / "run"
+    every = ("--train.ckpt_every_steps", "1", "--train.keep_last", "0")  # writes go straight to checkpoint.pt.tmp
+    assert main(args(data_dir, out, *every, "--max-steps", "2")) == 0
+    run = Run(args(data_dir, out, "--resume", "auto", *every), env={SLOW_SAVE_ENV: "60"})
+    assert run.wait_for("fastbyol-test: mid-write")
+    run.proc.kill()
+    code, _ = run.finish()
+    assert code == -signal.SIGKILL
+    assert os.path.getsize(out / "checkpoint.pt.tmp") > 0  # half a checkpoint, never renamed
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert main(args(data_dir, out, "--resume", "auto", *every)) == 0
+    assert_equal_to(straight, out)
+
+
+def test_kill_9_at_random_moments(data_dir, straight, tmp_path):
+    rng = random.Random(int(os.environ.get("FASTBYOL_TEST_SEED", "14")))
+    out = tmp_path / "run"
+    every = ("--resume", "auto", "--train.ckpt_every_steps", "1")
+    kills = 0
+    for _ in range(3):
+        run = Run(args(data_dir, out, *every))
+        if not run.wait_for("step "):
+            break  # finished before the first progress line
+        time.sleep(rng.uniform(0.0, 0.6))
+        run.proc.kill()
+        code, text = run.finish()
+        if code == 0:
+            break
+        assert code == -signal.SIGKILL, text[-2000:]
+        kills += 1
+    assert kills >= 1
+    assert main(args(data_dir, out, *every)) == 0
+    assert_equal_to(straight, out)

@@ -37,8 +37,9 @@ Design (issue #5):
   only ``checkpoint.pt``, as for a single-process run.
 * **Replicas** (:mod:`fastbyol.distributed`): SyncBatchNorm with more than one rank on CUDA
   (``dist.sync_bn``, default on, as the paper); rank 0's online and target parameters and
-  buffers are broadcast at start; without SyncBN, BatchNorm running statistics are averaged
-  over ranks before each checkpoint.
+  buffers are broadcast at start; without SyncBN, ``checkpoint.pt`` holds the BatchNorm
+  running statistics averaged over ranks, and each rank's own are kept next to DeepSpeed's
+  files, so that a checkpoint does not change the run and a resume continues exactly.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ import torch
 import torch.distributed as tdist
 
 from .backbones import memory_format
-from .checkpoint import fsync_dir, load_checkpoint, safe_load, write_checkpoint
+from .checkpoint import atomic_save, fsync_dir, load_checkpoint, safe_load, write_checkpoint
 from .config import Config
 from .distributed import (average_buffers, backend_for, barrier, broadcast_module_state, close_process_group,
                           convert_sync_batchnorm, ensure_env)
@@ -244,19 +245,41 @@ class DeepSpeedEngine:
             k = int(k_t.item())
         return base if k == 0 else f"{base}.{k}"
 
-    def save(self, path: str, state: Dict[str, Any], keep_last: int = 0) -> None:
+    def _own_buffers(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """This rank's floating-point buffers (BatchNorm statistics) of both networks, copied."""
+        return {net: {k: b.detach().clone() for k, b in getattr(self.model, net).named_buffers() if b.is_floating_point()}
+                for net in ("online", "target") if getattr(self.model, net) is not None}
+
+    def save(self, path: str, state: Dict[str, Any], keep_last: int = 0, final: bool = False) -> None:
         """All ranks: DeepSpeed's checkpoint; then rank 0: ``checkpoint.pt`` (atomic, plus the numbered
-        copies of ``keep_last``), and removes the tags no kept checkpoint points at."""
+        copies of ``keep_last``), and removes the tags no kept checkpoint points at.
+
+        Without SyncBN each rank's BatchNorm statistics differ: ``checkpoint.pt`` gets their mean over
+        ranks, and each rank also writes its own into the tag, so that a resume at the same world
+        size continues exactly. A checkpoint must not change the run, so the live statistics are
+        averaged in place only at the ``final`` one (then the replicas end identical)."""
+        own_file = None
         if not self.sync_bn and self.dist.world_size > 1:
+            own = self._own_buffers()
             average_buffers(self.model.online, self.model.target)
-            state = dict(state, online=self.model.online.state_dict(),
-                         target=self.model.target.state_dict() if self.model.target is not None else None)
+            state = dict(state, online={k: v.clone() for k, v in self.model.online.state_dict().items()},
+                         target={k: v.clone() for k, v in self.model.target.state_dict().items()}
+                         if self.model.target is not None else None)
+            if not final:
+                with torch.no_grad():
+                    for net, bufs in own.items():
+                        for k, b in getattr(self.model, net).named_buffers():
+                            if k in bufs:
+                                b.copy_(bufs[k])
+            own_file = own
         folder = os.path.dirname(os.path.abspath(path))
         ds_dir, step = os.path.join(folder, DS_DIR), int(state["step"])
         tag = self._free_tag(ds_dir, step)
         client = {"fastbyol_step": step,
                   "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
         self.ds.save_checkpoint(ds_dir, tag=tag, client_state=client)
+        if own_file is not None:
+            atomic_save(own_file, os.path.join(ds_dir, tag, f"fastbyol_buffers_rank{self.dist.rank}.pt"))
         barrier()
         if self.dist.is_main:
             fsync_dir(ds_dir)
@@ -298,6 +321,10 @@ class DeepSpeedEngine:
             raise FastByolError(f"cannot resume {path!r}: DeepSpeed could not load {where!r} ({first})") from None
         if loaded is None:
             raise FastByolError(f"cannot resume {path!r}: DeepSpeed found no checkpoint in {where!r}")
+        own = os.path.join(where, f"fastbyol_buffers_rank{self.dist.rank}.pt")
+        if meta.get("world_size") == self.dist.world_size and os.path.isfile(own):
+            mine = safe_load(own, "DeepSpeed checkpoint file")  # this rank's own BatchNorm statistics
+            state = dict(state, **{net: {**state[net], **bufs} for net, bufs in mine.items() if state.get(net)})
         if self.scaler is not None and (client or {}).get("grad_scaler"):
             self.scaler.load_state_dict(client["grad_scaler"])
         return state

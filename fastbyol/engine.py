@@ -11,7 +11,7 @@ methods:
   applied (an accumulation boundary that fp16 loss scaling did not skip). The target
   update and the schedules advance on True alone;
 * ``set_lr(lr)``; ``ema_source()``: the modules whose fp32 weights the target averages;
-* ``save(path, state, keep_last)`` / ``load(path, state=None) -> state``: checkpoints including
+* ``save(path, state, keep_last, final)`` / ``load(path, state=None) -> state``: checkpoints including
   optimizer state (``state``: the already-read ``checkpoint.pt``, so it is not read twice).
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ class LocalEngine:
     def ema_source(self) -> nn.Module:
         return self.online
 
-    def save(self, path: str, state: Dict[str, Any], keep_last: int = 0) -> None:
+    def save(self, path: str, state: Dict[str, Any], keep_last: int = 0, final: bool = False) -> None:
         state = dict(state, optimizer=self.optimizer.state_dict(), optimizer_class=type(self.optimizer).__name__,
                      scaler=self.scaler.state_dict() if self.scaler is not None else None)
         write_checkpoint(state, path, keep_last)

@@ -152,7 +152,7 @@ class Trainer:
         if self._saved_step == self.step:
             return
         self._check_finite()
-        self.engine.save(self.ckpt_path, self._state(), self.cfg.train.keep_last)
+        self.engine.save(self.ckpt_path, self._state(), self.cfg.train.keep_last, final=self.step >= self.stop_step)
         self._saved_step, self._last_save_time = self.step, time.monotonic()
 
     def _resume(self, path: str) -> None:

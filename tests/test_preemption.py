@@ -41,13 +41,17 @@ def straight(data_dir, tmp_path_factory):
 
 
 class Run:
-    """``python -m fastbyol train ...`` in a subprocess, its output read line by line."""
+    """``python -m fastbyol ARGV`` (or ``python ARGV`` with ``module=False``: a launcher) in a
+    subprocess of its own session, its output read line by line."""
 
-    def __init__(self, argv, env=None):
-        e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+    def __init__(self, argv, env=None, module=True):
+        e = {k: v for k, v in os.environ.items()
+             if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu",
                  PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "fastbyol", *argv], cwd=ROOT, env=e, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        cmd = [sys.executable, *(["-m", "fastbyol"] if module else []), *argv]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=e, text=True, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         self.lines = []
 
     def wait_for(self, text, timeout=120):

@@ -31,6 +31,14 @@ from .errors import EXIT_CODES, TrainingStopped  # noqa: F401 (re-exported)
 SECOND_CTRL_C_AFTER_S = 1.0
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of data-loading worker processes: a scheduler signals the whole process
+    group, and a worker that died of it would crash the step the trainer is finishing; the main
+    process stops the workers itself once its checkpoint is written."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class StopSignals:
     """Installs SIGTERM/SIGINT handlers that record the request (main thread only);
     :meth:`restore` puts the previous handlers back."""

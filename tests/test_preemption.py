@@ -87,9 +87,11 @@ def assert_equal_to(straight, out):
 
 def test_sigterm_checkpoints_exits_143_and_resumes_exactly(data_dir, straight, tmp_path):
     out = tmp_path / "run"
-    run = Run(args(data_dir, out, "--resume", "auto", "--train.ckpt_every", "0"))
+    # With loader worker processes, and to the whole process group, as a scheduler sends it: the
+    # workers must survive it until the step is done (and the views must not depend on --workers).
+    run = Run(args(data_dir, out, "--resume", "auto", "--train.ckpt_every", "0", "--workers", "2"))
     assert run.wait_for(f"step 3/{STEPS}")
-    run.proc.send_signal(signal.SIGTERM)
+    os.killpg(run.proc.pid, signal.SIGTERM)
     code, text = run.finish()
     assert code == 143, text[-2000:]
     stop = [x for x in text.splitlines() if "stopped by SIGTERM" in x]

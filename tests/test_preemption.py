@@ -160,3 +160,40 @@ def test_kill_9_at_random_moments(data_dir, straight, tmp_path):
     assert kills >= 1
     assert main(args(data_dir, out, *every)) == 0
     assert_equal_to(straight, out)
+
+
+def _agreement_worker(rank, port, path, every):
+    import torch.distributed as tdist
+
+    from fastbyol.stop import StopAgreement
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    agree = StopAgreement(2, torch.device("cpu"), every)
+    seen = []
+    for step in range(1, 40):
+        # Rank 1 alone is signalled, at step 7; rank 0 alone finds a timed checkpoint due from step 3 on.
+        stop, due = agree.poll(step, stop=rank == 1 and step >= 7, due=rank == 0 and step >= 3)
+        seen.append((step, stop, due))
+        if stop:
+            break
+    torch.save(seen, f"{path}.{rank}")
+    tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("every", [2])
+def test_ranks_agree_on_the_stop_step(tmp_path, every):
+    """Two gloo processes signalled at different times stop at the same step, and a timed
+    checkpoint one rank asks for is taken by both, at the same step, once per request."""
+    import torch.multiprocessing as mp
+
+    from fastbyol.distributed import free_port
+
+    mp.spawn(_agreement_worker, args=(free_port(), str(tmp_path / "seen"), every), nprocs=2, join=True)
+    a, b = (torch.load(f"{tmp_path / 'seen'}.{r}") for r in (0, 1))
+    assert a == b
+    stops = [s for s, stop, _ in a if stop]
+    assert stops == [a[-1][0]] and 7 < stops[0] <= 7 + 2 * every and stops[0] % every == 0
+    dues = [s for s, _, due in a if due]
+    assert dues and dues[0] == (3 + 2 * every - 1) // every * every and all(s % every == 0 for s in dues)
+    if every > 1:  # a granted request is not asked again at the next check (no double checkpoint)
+        assert all(b_ - a_ >= 2 * every for a_, b_ in zip(dues, dues[1:]))

@@ -119,7 +119,7 @@ def test_resume_at_another_world_size(data_dir, straight, tmp_path):
     code, text = run.finish()
     step = load_checkpoint(str(out))["step"]
     assert 5 <= step < STEPS, text[-3000:]
-    launch_ok(torchrun(*train_args(data_dir, out, "--resume", "auto", "--dist.grad_accum", "2"), nproc=1))
+    launch_ok(torchrun(*train_args(data_dir, out, "--resume", "auto", "--dist.grad_accum", "2", "--deepspeed", "true"), nproc=1))
     final = load_checkpoint(str(out))
     assert final["step"] == STEPS and final["deepspeed"]["world_size"] == 1
     # Summation order differs between an all-reduce and an accumulation, so parameters agree closely,

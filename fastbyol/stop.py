@@ -75,7 +75,9 @@ class StopSignals:
 
 class StopAgreement:
     """``poll(step, stop, due) -> (stop, due)``, identical on every rank (see the module doc).
-    One rank: the local flags, every step, no communication."""
+    ``stop`` is 0 or the exit code of the signal received (:data:`EXIT_CODES`); the agreed one is
+    the largest, so a rank that saw no signal learns which one to report. One rank: the local
+    flags, every step, no communication."""
 
     def __init__(self, world_size: int, device: torch.device, every: int):
         self.world, self.device, self.every = world_size, device, every
@@ -84,22 +86,22 @@ class StopAgreement:
         self._send = torch.zeros(2, pin_memory=cuda)
         self._recv = torch.zeros(2, pin_memory=cuda)
 
-    def poll(self, step: int, stop: bool, due: bool) -> Tuple[bool, bool]:
+    def poll(self, step: int, stop: int, due: bool) -> Tuple[int, bool]:
         if self.world <= 1:
             return stop, due
         if step % self.every:
-            return False, False
-        agreed = (False, False)
+            return 0, False
+        agreed = (0, False)
         if self._pending is not None:
             result, event = self._pending
             if event is not None:
                 event.synchronize()  # the collective was queued `every` steps ago
-            agreed = (bool(result[0] > 0), bool(result[1] > 0))
+            agreed = (int(result[0]), bool(result[1] > 0))
         # A timed checkpoint agreed now is written now: do not ask for another one.
         self._issue(stop, due and not agreed[1])
         return agreed
 
-    def _issue(self, stop: bool, due: bool) -> None:
+    def _issue(self, stop: int, due: bool) -> None:
         import torch.distributed as tdist
 
         self._send[0], self._send[1] = float(stop), float(due)

@@ -22,7 +22,7 @@ from .backbones import memory_format
 from .data import build_train_loader, resolve_sources
 from .data.torch_loader import eval_loader
 from .engine import LocalEngine
-from .errors import FastByolError
+from .errors import EXIT_CODES, FastByolError
 from .finite import describe_nonfinite, nonfinite_flag, state_tensors
 from .knn import knn_accuracy
 from .model import BYOL
@@ -222,9 +222,10 @@ class Trainer:
         """(stop, checkpoint due) after an applied step, the same on every rank (:mod:`fastbyol.stop`)."""
         minutes = self.cfg.train.ckpt_every_minutes
         due = bool(minutes) and time.monotonic() - self._last_save_time >= 60 * minutes
-        stop = self._signals is not None and self._signals.requested is not None
-        stop, due = self._stop_agreement.poll(self.step, stop, due)
+        requested = self._signals.requested if self._signals is not None else None
+        code, due = self._stop_agreement.poll(self.step, EXIT_CODES[requested] if requested else 0, due)
         every = self.cfg.train.ckpt_every_steps
+        stop = next((name for name, c in EXIT_CODES.items() if c == code), None)  # the signal's name, or None
         return stop, due or bool(every and self.step % every == 0)
 
     # ------------------------------------------------------------------ one step
@@ -309,7 +310,7 @@ class Trainer:
                 if (stop or due) and self.step < self.stop_step:
                     self.save()  # the final step's checkpoint is written below
                 if stop and self.step < self.stop_step:
-                    raise TrainingStopped(self._signals.requested, self.step, self.ckpt_path)
+                    raise TrainingStopped(stop, self.step, self.ckpt_path)
                 if self.step >= self.stop_step or micro >= self.steps_per_epoch * accum:
                     break
             if self.step == step_before:

@@ -253,3 +253,31 @@ def test_no_config_in_checkpoint_is_refused(tmp_path):
 
     with pytest.raises(FastByolError, match="holds no config"):
         check_resume_config(None, {}, None, "x")
+
+
+def test_deepspeed_files_are_read_with_weights_only(tmp_path):
+    """DeepSpeed's own loader unpickles with weights_only=False; the engine swaps it for a safe one."""
+    import types
+
+    from fastbyol.deepspeed_engine import DeepSpeedEngine
+    from fastbyol.trainer import DistInfo
+
+    tag = tmp_path / "deepspeed" / "step00000001"
+    tag.mkdir(parents=True)
+    torch.save({"module": {}, "x": Payload()}, tag / "mp_rank_00_model_states.pt")
+
+    class FakeOpt:
+        pass
+
+    class FakeDeepSpeed:
+        basic_optimizer = FakeOpt()
+        checkpoint_engine = types.SimpleNamespace(load=lambda p, map_location=None: torch.load(p, weights_only=False))
+
+        def load_checkpoint(self, folder, tag, **kw):  # as DeepSpeed does: through its checkpoint engine
+            return self.checkpoint_engine.load(os.path.join(folder, tag, "mp_rank_00_model_states.pt")), {}
+
+    state = {"deepspeed": {"dir": "deepspeed", "tag": "step00000001", "world_size": 1},
+             "optimizer_class": "deepspeed:FakeOpt"}
+    eng = DeepSpeedEngine(FakeDeepSpeed(), None, torch.device("cpu"), "fp32", DistInfo(), False)
+    with pytest.raises(FastByolError, match="holds pickled Python objects"):
+        eng.load(str(tmp_path / "checkpoint.pt"), state)

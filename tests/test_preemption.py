@@ -172,7 +172,7 @@ def _agreement_worker(rank, port, path, every):
     seen = []
     for step in range(1, 40):
         # Rank 1 alone is signalled, at step 7; rank 0 alone finds a timed checkpoint due from step 3 on.
-        stop, due = agree.poll(step, stop=rank == 1 and step >= 7, due=rank == 0 and step >= 3)
+        stop, due = agree.poll(step, stop=143 if rank == 1 and step >= 7 else 0, due=rank == 0 and step >= 3)
         seen.append((step, stop, due))
         if stop:
             break
@@ -192,6 +192,7 @@ def test_ranks_agree_on_the_stop_step(tmp_path, every):
     a, b = (torch.load(f"{tmp_path / 'seen'}.{r}") for r in (0, 1))
     assert a == b
     stops = [s for s, stop, _ in a if stop]
+    assert a[-1][1] == 143  # rank 0, never signalled, learns which signal to report
     assert stops == [a[-1][0]] and 7 < stops[0] <= 7 + 2 * every and stops[0] % every == 0
     dues = [s for s, _, due in a if due]
     assert dues and dues[0] == (3 + 2 * every - 1) // every * every and all(s % every == 0 for s in dues)

@@ -3,14 +3,13 @@ safe (weights_only) loading, the resume config check, --resume auto, fresh-run r
 metrics trimming, keep_last, and the directory fsync."""
 import json
 import os
-import pickle
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from fastbyol.checkpoint import atomic_save, export_encoder, load_checkpoint, rng_state, set_rng_state, write_checkpoint
+from fastbyol.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state, write_checkpoint
 from fastbyol.cli import main
 from fastbyol.errors import FastByolError
 from fastbyol.finite import describe_nonfinite, nonfinite_flag, state_tensors

@@ -5,9 +5,6 @@ an uninterrupted run; slower: resume at another world size, and a two-node launc
 import importlib.util
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch

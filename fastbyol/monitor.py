@@ -68,6 +68,12 @@ class Monitor:
             fh.writelines(json.dumps(r) + "\n" for r in self.history)
         os.replace(f"{path}.tmp", path)
         self._jsonl = open(path, "a", buffering=1)
+        last = max((r["step"] for r in self.history), default=None)
+        if self._tb is not None and last is not None:  # TensorBoard's own crash recovery: drop later events
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=last + 1)
 
     def write(self, record: Dict) -> None:
         self.history.append(record)

@@ -1,13 +1,24 @@
 """Atomic checkpoints, exact resume, and export of the online encoder.
 
-A checkpoint is written to ``<name>.tmp`` and renamed over the old one, so a crash
-mid-write never destroys the last good checkpoint.
+A checkpoint is written to ``<name>.tmp``, fsynced, renamed over the old one, and the folder is
+fsynced, so neither a crash mid-write nor a power loss destroys the last good checkpoint.
+With ``train.keep_last N`` the newest N checkpoints are also kept as
+``checkpoint-<step>.pt`` (``checkpoint.pt`` is a hard link to the newest).
+
+Every checkpoint holds tensors and plain Python types only (RNG states included, numpy's as its
+components), so it loads with ``torch.load(weights_only=True)``, which is how fastbyol reads
+it: opening a checkpoint someone sent cannot run code.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import random
-from typing import Any, Dict
+import re
+import shutil
+import sys
+import time
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -15,33 +26,131 @@ import torch
 from .errors import FastByolError
 
 CHECKPOINT_NAME = "checkpoint.pt"
+NUMBERED = re.compile(r"^checkpoint-(\d+)\.pt$")
+SLOW_SAVE_ENV = "FASTBYOL_TEST_SLOW_SAVE"  # tests: seconds to pause half-way through a write
+
+
+def numbered_name(step: int) -> str:
+    return f"checkpoint-{step:08d}.pt"
+
+
+def fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (power loss, not just a killed process)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write(obj: Any, fh) -> None:
+    pause = float(os.environ.get(SLOW_SAVE_ENV, 0) or 0)
+    if not pause:
+        torch.save(obj, fh)
+        return
+    # Test hook: write half the bytes, say so, wait (a test kills the process here), finish.
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    fh.write(data[: len(data) // 2])
+    fh.flush()
+    print(f"fastbyol-test: mid-write {fh.name}", file=sys.stderr, flush=True)
+    time.sleep(pause)
+    fh.write(data[len(data) // 2:])
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """``torch.save`` to a temporary file in the same folder, fsync, rename, fsync the folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
+        _write(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_dir(folder)
 
+
+def _publish(src: str, dst: str) -> None:
+    """Atomically make ``dst`` the same file as ``src`` (a hard link; a copy where links fail)."""
+    tmp = f"{dst}.tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    os.replace(tmp, dst)
+    fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+
+def numbered_steps(folder: str) -> List[int]:
+    """Steps of the ``checkpoint-<step>.pt`` files in ``folder``, ascending."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(m.group(1)) for m in map(NUMBERED.match, os.listdir(folder)) if m)
+
+
+def write_checkpoint(state: Dict[str, Any], path: str, keep_last: int = 0) -> List[int]:
+    """Write ``state`` as ``path`` (``.../checkpoint.pt``), atomically. With ``keep_last`` N > 0 it
+    is first written as ``checkpoint-<step>.pt``, then linked as ``checkpoint.pt``, and numbered
+    files of earlier steps beyond the newest N are removed (later ones, left by a run resumed from
+    an older checkpoint, are kept). Returns the steps whose checkpoints now exist."""
+    step = int(state["step"])
+    if keep_last <= 0:
+        atomic_save(state, path)
+        return [step]
+    folder = os.path.dirname(os.path.abspath(path))
+    numbered = os.path.join(folder, numbered_name(step))
+    atomic_save(state, numbered)
+    _publish(numbered, path)
+    steps = numbered_steps(folder)
+    older = [s for s in steps if s < step]
+    for s in older[: max(0, len(older) - (keep_last - 1))]:
+        os.remove(os.path.join(folder, numbered_name(s)))
+    return numbered_steps(folder)
+
+
+def has_checkpoint(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, CHECKPOINT_NAME))
+
+
+# ----------------------------------------------------------------------------- RNG
 
 def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain types (loads with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),  # (version, tuple of 625 ints, float or None)
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
+
+# ----------------------------------------------------------------------------- reading
 
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint file, or a run folder holding ``checkpoint.pt``."""
@@ -52,13 +161,30 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
+def safe_load(path: str, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` on the CPU, with one-line errors."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise FastByolError(
+            f"{what} {path!r} holds pickled Python objects that a safe load refuses ({first[:120]}): it was "
+            "written by an older fastbyol or another program; fastbyol never unpickles code, so re-save it "
+            "from a process you trust or start a new run") from None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FastByolError(f"cannot read {what} {path!r}: {first}") from None
+
+
 def load_checkpoint(path: str) -> Dict[str, Any]:
     path = resolve_checkpoint(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise FastByolError(f"cannot read checkpoint {path!r}: {e}") from None
+    state = safe_load(path)
+    if not isinstance(state, dict):
+        raise FastByolError(f"{path!r} is not a fastbyol checkpoint (it holds a {type(state).__name__})")
+    return state
 
+
+# ----------------------------------------------------------------------------- export
 
 def encoder_state_dict(ckpt: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The online encoder's weights with the keys a bare backbone expects
@@ -75,7 +201,13 @@ def encoder_state_dict(ckpt: Dict[str, Any]) -> Dict[str, torch.Tensor]:
 
 def export_encoder(ckpt_path: str, out_path: str) -> Dict[str, torch.Tensor]:
     """Write the online encoder as a plain state_dict: for a ResNet,
-    ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` misses only ``fc.*``."""
+    ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` misses only ``fc.*``.
+    Refuses an encoder holding NaN or inf."""
+    from .finite import first_nonfinite_in
+
     sd = encoder_state_dict(load_checkpoint(ckpt_path))
+    bad = first_nonfinite_in(sd.items())
+    if bad:
+        raise FastByolError(f"refusing to export a non-finite encoder from {ckpt_path!r}: {bad}")
     atomic_save(sd, out_path)
     return sd

@@ -1,7 +1,8 @@
 """``fastbyol`` command line: ``train``, ``export``, ``bench``, ``gpu-check``.
 
 Errors a user can fix (bad config, missing data, non-finite loss, unwritable output) print
-one line, ``fastbyol: error: ...``, and exit with status 2; no traceback.
+one line, ``fastbyol: error: ...``, and exit with status 2; no traceback. A run stopped by
+SIGTERM / Ctrl-C exits 143 / 130 after its checkpoint (README, "Checkpoints and preemption").
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 from typing import List, Optional
 
 from .config import PRESETS, Config, apply_overrides, field_docs, iter_fields, preset
-from .errors import FastByolError
+from .errors import FastByolError, TrainingStopped
 
 # Short spellings for the fields people set most.
 ALIASES = {
@@ -164,6 +165,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FastByolError as e:
         print(f"fastbyol: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # a signal, after the checkpoint: 143 (SIGTERM) or 130 (SIGINT)
+        print(f"fastbyol: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("fastbyol: interrupted", file=sys.stderr)
         return 130

@@ -96,10 +96,15 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp16 | fp32
     seed: int = 0  # all randomness (weights, data order, augmentations) follows from it
     out: str = "runs/fastbyol"  # run folder: checkpoint.pt, metrics.jsonl, curves.png
-    resume: Optional[str] = None  # checkpoint file or run directory
+    resume: Optional[str] = None  # checkpoint file or run directory; auto: resume if --out holds a checkpoint, else start fresh
+    resume_override: Optional[str] = None  # resume despite changed result-changing settings: comma-separated fields, or true for all
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10  # steps between progress lines / JSONL records
     ckpt_every: int = 1  # epochs between checkpoints (0: final only)
+    ckpt_every_steps: int = 0  # also every this many optimizer steps (0: off)
+    ckpt_every_minutes: float = 30.0  # also every this many minutes of training (0: off)
+    keep_last: int = 2  # numbered checkpoint-<step>.pt files kept besides checkpoint.pt (0: checkpoint.pt only)
+    stop_check_every: int = 5  # multi-rank: steps between the ranks' agreement on a signal / timed checkpoint
     knn_every: int = 10  # epochs between kNN evaluations (0: never)
     knn_k: int = 200  # kNN monitor neighbours
     knn_t: float = 0.1  # kNN monitor temperature
@@ -358,6 +363,10 @@ def validate(cfg: Config) -> None:
            "must be auto, cpu or cuda")
     _check(t.log_every >= 1, "train.log_every", "must be >= 1")
     _check(t.ckpt_every >= 0, "train.ckpt_every", "must be >= 0")
+    _check(t.ckpt_every_steps >= 0, "train.ckpt_every_steps", "must be >= 0")
+    _check(t.ckpt_every_minutes >= 0, "train.ckpt_every_minutes", "must be >= 0")
+    _check(t.keep_last >= 0, "train.keep_last", "must be >= 0")
+    _check(t.stop_check_every >= 1, "train.stop_check_every", "must be >= 1")
     _check(t.knn_every >= 0, "train.knn_every", "must be >= 0")
     _check(t.knn_k >= 1, "train.knn_k", "must be >= 1")
     _check(t.knn_t > 0, "train.knn_t", "must be > 0")

@@ -31,19 +31,22 @@ Design (issue #5):
 * **Checkpoints** (``--out DIR``, which every rank must see): DeepSpeed's
   ``save_checkpoint`` on all ranks writes ``DIR/deepspeed/step00000123/`` (module, LARS
   state, fp16 scaler in ``client_state``); then rank 0 writes ``DIR/checkpoint.pt``
-  atomically (config, step, online and target weights, RNG, history and the DeepSpeed tag),
-  and removes older tags. ``--resume DIR`` reads both; ``fastbyol export DIR enc.pt`` reads
+  atomically (config, step, online and target weights, RNG, history and the DeepSpeed tag;
+  with ``train.keep_last`` also the numbered copies), and removes the tags no kept checkpoint
+  points at. Both are read with ``weights_only=True`` (DeepSpeed's loader is swapped for one). ``--resume DIR`` reads both; ``fastbyol export DIR enc.pt`` reads
   only ``checkpoint.pt``, as for a single-process run.
 * **Replicas** (:mod:`fastbyol.distributed`): SyncBatchNorm with more than one rank on CUDA
   (``dist.sync_bn``, default on, as the paper); rank 0's online and target parameters and
-  buffers are broadcast at start; without SyncBN, BatchNorm running statistics are averaged
-  over ranks before each checkpoint.
+  buffers are broadcast at start; without SyncBN, ``checkpoint.pt`` holds the BatchNorm
+  running statistics averaged over ranks, and each rank's own are kept next to DeepSpeed's
+  files, so that a checkpoint does not change the run and a resume continues exactly.
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
+import re
 import shutil
 import sys
 from functools import partial
@@ -53,7 +56,7 @@ import torch
 import torch.distributed as tdist
 
 from .backbones import memory_format
-from .checkpoint import atomic_save, load_checkpoint
+from .checkpoint import atomic_save, fsync_dir, load_checkpoint, safe_load, write_checkpoint
 from .config import Config
 from .distributed import (average_buffers, backend_for, barrier, broadcast_module_state, close_process_group,
                           convert_sync_batchnorm, ensure_env)
@@ -228,33 +231,72 @@ class DeepSpeedEngine:
         return self.ds.module  # the online network's own fp32 parameters
 
     # ------------------------------------------------------------------ checkpoints
-    def _tag(self, step: int) -> str:
-        return f"step{step:08d}"
+    def _free_tag(self, ds_dir: str, step: int) -> str:
+        """``step00000123``, or ``step00000123.<k>`` when that folder exists already (the same step
+        saved again after resuming from an older checkpoint): a tag a checkpoint points at is never
+        rewritten in place. Rank 0 decides (it sees the folder) and tells the others."""
+        base, k = f"step{step:08d}", 0
+        if self.dist.is_main:
+            while os.path.exists(os.path.join(ds_dir, base if k == 0 else f"{base}.{k}")):
+                k += 1
+        if self.dist.world_size > 1:
+            k_t = torch.tensor([k], dtype=torch.int64, device=self.device)
+            tdist.broadcast(k_t, src=0)
+            k = int(k_t.item())
+        return base if k == 0 else f"{base}.{k}"
 
-    def save(self, path: str, state: Dict[str, Any]) -> None:
-        """All ranks: DeepSpeed's checkpoint; then rank 0: ``checkpoint.pt`` (atomic), old tags removed."""
+    def _own_buffers(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """This rank's floating-point buffers (BatchNorm statistics) of both networks, copied."""
+        return {net: {k: b.detach().clone() for k, b in getattr(self.model, net).named_buffers() if b.is_floating_point()}
+                for net in ("online", "target") if getattr(self.model, net) is not None}
+
+    def save(self, path: str, state: Dict[str, Any], keep_last: int = 0, final: bool = False) -> None:
+        """All ranks: DeepSpeed's checkpoint; then rank 0: ``checkpoint.pt`` (atomic, plus the numbered
+        copies of ``keep_last``), and removes the tags no kept checkpoint points at.
+
+        Without SyncBN each rank's BatchNorm statistics differ: ``checkpoint.pt`` gets their mean over
+        ranks, and each rank also writes its own into the tag, so that a resume at the same world
+        size continues exactly. A checkpoint must not change the run, so the live statistics are
+        averaged in place only at the ``final`` one (then the replicas end identical)."""
+        own_file = None
         if not self.sync_bn and self.dist.world_size > 1:
+            own = self._own_buffers()
             average_buffers(self.model.online, self.model.target)
-            state = dict(state, online=self.model.online.state_dict(),
-                         target=self.model.target.state_dict() if self.model.target is not None else None)
+            state = dict(state, online={k: v.clone() for k, v in self.model.online.state_dict().items()},
+                         target={k: v.clone() for k, v in self.model.target.state_dict().items()}
+                         if self.model.target is not None else None)
+            if not final:
+                with torch.no_grad():
+                    for net, bufs in own.items():
+                        for k, b in getattr(self.model, net).named_buffers():
+                            if k in bufs:
+                                b.copy_(bufs[k])
+            own_file = own
         folder = os.path.dirname(os.path.abspath(path))
-        ds_dir, tag = os.path.join(folder, DS_DIR), self._tag(int(state["step"]))
-        client = {"fastbyol_step": int(state["step"]),
+        ds_dir, step = os.path.join(folder, DS_DIR), int(state["step"])
+        tag = self._free_tag(ds_dir, step)
+        client = {"fastbyol_step": step,
                   "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
         self.ds.save_checkpoint(ds_dir, tag=tag, client_state=client)
+        if own_file is not None:
+            atomic_save(own_file, os.path.join(ds_dir, tag, f"fastbyol_buffers_rank{self.dist.rank}.pt"))
         barrier()
         if self.dist.is_main:
+            fsync_dir(ds_dir)
             meta = {"dir": DS_DIR, "tag": tag, "world_size": self.dist.world_size,
                     "zero_stage": int(self.ds.zero_optimization_stage())}
-            atomic_save(dict(state, deepspeed=meta, optimizer_class=f"deepspeed:{type(self.ds.basic_optimizer).__name__}"),
-                        path)
-            for name in os.listdir(ds_dir):  # checkpoint.pt now points at `tag`: older ones can go
-                if name != tag and name.startswith("step") and os.path.isdir(os.path.join(ds_dir, name)):
+            kept = set(write_checkpoint(dict(state, deepspeed=meta,
+                                             optimizer_class=f"deepspeed:{type(self.ds.basic_optimizer).__name__}"),
+                                        path, keep_last))
+            for name in os.listdir(ds_dir):  # tags no kept checkpoint points at can go
+                m = re.match(r"^step(\d+)(\.\d+)?$", name)
+                if m and os.path.isdir(os.path.join(ds_dir, name)) and (
+                        int(m.group(1)) not in kept or (int(m.group(1)) == step and name != tag)):
                     shutil.rmtree(os.path.join(ds_dir, name), ignore_errors=True)
         barrier()
 
-    def load(self, path: str) -> Dict[str, Any]:
-        state = load_checkpoint(path)
+    def load(self, path: str, state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        state = load_checkpoint(path) if state is None else state
         meta = state.get("deepspeed")
         if not meta:
             raise FastByolError(f"cannot resume {path!r} under DeepSpeed: it was written by a single-process run "
@@ -266,14 +308,23 @@ class DeepSpeedEngine:
         where = os.path.join(ds_dir, meta["tag"])
         if not os.path.isdir(where):
             raise FastByolError(f"cannot resume {path!r}: its DeepSpeed checkpoint {where!r} is missing")
+        engine = getattr(self.ds, "checkpoint_engine", None)
+        if engine is not None:  # DeepSpeed's own loader unpickles with weights_only=False
+            engine.load = lambda p, map_location=None: safe_load(p, "DeepSpeed checkpoint file")
         try:
             loaded, client = self.ds.load_checkpoint(ds_dir, tag=meta["tag"], load_optimizer_states=True,
                                                      load_lr_scheduler_states=False)
+        except FastByolError:
+            raise
         except (RuntimeError, ValueError, KeyError, AssertionError, OSError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise FastByolError(f"cannot resume {path!r}: DeepSpeed could not load {where!r} ({first})") from None
         if loaded is None:
             raise FastByolError(f"cannot resume {path!r}: DeepSpeed found no checkpoint in {where!r}")
+        own = os.path.join(where, f"fastbyol_buffers_rank{self.dist.rank}.pt")
+        if meta.get("world_size") == self.dist.world_size and os.path.isfile(own):
+            mine = safe_load(own, "DeepSpeed checkpoint file")  # this rank's own BatchNorm statistics
+            state = dict(state, **{net: {**state[net], **bufs} for net, bufs in mine.items() if state.get(net)})
         if self.scaler is not None and (client or {}).get("grad_scaler"):
             self.scaler.load_state_dict(client["grad_scaler"])
         return state
@@ -346,7 +397,13 @@ def deepspeed_trainer(cfg: Config, dist: DistInfo, trainer_cls=Trainer, optimize
 
 def run_deepspeed(cfg: Config, dist: DistInfo) -> Optional[Dict]:
     """Train under DeepSpeed; the summary on rank 0, None on the other ranks."""
-    summary = deepspeed_trainer(cfg, dist).fit()
+    from .stop import TrainingStopped
+
+    try:
+        summary = deepspeed_trainer(cfg, dist).fit()
+    except TrainingStopped:  # every rank stopped at the same step, after the checkpoint
+        close_process_group()
+        raise
     # Only after success: on an error the launcher tears the job down, and tearing the group
     # down here could wait forever on ranks still inside a collective.
     close_process_group()

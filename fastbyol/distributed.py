@@ -11,8 +11,9 @@ replicas are made identical here, explicitly:
 * BatchNorm running statistics are identical under SyncBatchNorm (CUDA, ``dist.sync_bn``, the
   paper's setting). Without it (CPU, where SyncBatchNorm does not run, or ``--dist.sync_bn
   false``) each rank's follow its own shard; :func:`average_buffers` replaces them by their
-  mean over ranks (timm's ``distribute_bn(reduce=True)``) before every checkpoint, so the saved
-  model is the same whichever rank wrote it.
+  mean over ranks (timm's ``distribute_bn(reduce=True)``) in every checkpoint, so the saved
+  model is the same whichever rank wrote it (the live ones only at the final checkpoint; see
+  :meth:`fastbyol.deepspeed_engine.DeepSpeedEngine.save`).
 
 Everything here is plain ``torch.distributed`` and works with any launcher.
 """

@@ -11,17 +11,18 @@ methods:
   applied (an accumulation boundary that fp16 loss scaling did not skip). The target
   update and the schedules advance on True alone;
 * ``set_lr(lr)``; ``ema_source()``: the modules whose fp32 weights the target averages;
-* ``save(path, state)`` / ``load(path) -> state``: checkpoints including optimizer state.
+* ``save(path, state, keep_last, final)`` / ``load(path, state=None) -> state``: checkpoints including
+  optimizer state (``state``: the already-read ``checkpoint.pt``, so it is not read twice).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
-from .checkpoint import atomic_save, load_checkpoint
+from .checkpoint import load_checkpoint, write_checkpoint
 from .errors import FastByolError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -75,13 +76,13 @@ class LocalEngine:
     def ema_source(self) -> nn.Module:
         return self.online
 
-    def save(self, path: str, state: Dict[str, Any]) -> None:
+    def save(self, path: str, state: Dict[str, Any], keep_last: int = 0, final: bool = False) -> None:
         state = dict(state, optimizer=self.optimizer.state_dict(), optimizer_class=type(self.optimizer).__name__,
                      scaler=self.scaler.state_dict() if self.scaler is not None else None)
-        atomic_save(state, path)
+        write_checkpoint(state, path, keep_last)
 
-    def load(self, path: str) -> Dict[str, Any]:
-        state = load_checkpoint(path)
+    def load(self, path: str, state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        state = load_checkpoint(path) if state is None else state
         saved, mine = state.get("optimizer_class"), type(self.optimizer).__name__
         if saved != mine:
             raise FastByolError(f"cannot resume {path!r}: it was trained with {saved}, this run uses {mine}")

@@ -55,6 +55,26 @@ class Monitor:
             except Exception:  # tensorboard not installed: JSONL and the PNG still hold everything
                 self._tb = None
 
+    def rewrite(self, history: List[Dict]) -> None:
+        """Make ``history`` the whole record, ``metrics.jsonl`` included (atomically): a fresh run
+        starts an empty file, a resumed one goes back to its checkpoint's step, so records written
+        after that checkpoint by a killed run are not repeated."""
+        self.history = list(history)
+        if not self.enabled:
+            return
+        path = self._jsonl.name
+        self._jsonl.close()
+        with open(f"{path}.tmp", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in self.history)
+        os.replace(f"{path}.tmp", path)
+        self._jsonl = open(path, "a", buffering=1)
+        last = max((r["step"] for r in self.history), default=None)
+        if self._tb is not None and last is not None:  # TensorBoard's own crash recovery: drop later events
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=last + 1)
+
     def write(self, record: Dict) -> None:
         self.history.append(record)
         if not self.enabled:

@@ -16,18 +16,21 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, resolve_checkpoint, rng_state, set_rng_state
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint, rng_state, set_rng_state
 from .config import Config
 from .backbones import memory_format
 from .data import build_train_loader, resolve_sources
 from .data.torch_loader import eval_loader
 from .engine import LocalEngine
-from .errors import FastByolError
+from .errors import EXIT_CODES, FastByolError
+from .finite import describe_nonfinite, nonfinite_flag, state_tensors
 from .knn import knn_accuracy
 from .model import BYOL
 from .monitor import Monitor, collapse_std
 from .optim import build_optimizer
+from .resume import check_resume_config, resolve_resume
 from .schedules import lr_at, scaled_lr, tau_at
+from .stop import StopAgreement, StopSignals, TrainingStopped
 
 log = logging.getLogger("fastbyol")
 
@@ -126,8 +129,13 @@ class Trainer:
         self.monitor = Monitor(t.out, self.total_steps, t.batch_size, cfg.model.projection_dim,
                                enabled=self.dist.is_main, knn_label=f"weighted kNN (k={t.knn_k}, T={t.knn_t})")
         self.ckpt_path = os.path.join(t.out, CHECKPOINT_NAME)
-        if t.resume:
-            self._resume(t.resume)
+        self._saved_step: Optional[int] = None  # the step of the checkpoint on disk (this run's or resumed)
+        self._signals: Optional[StopSignals] = None  # set by fit
+        resume = resolve_resume(t.resume, t.out)
+        if resume:
+            self._resume(resume)
+        else:
+            self.monitor.rewrite([])  # a fresh run starts a fresh metrics.jsonl
 
     # ------------------------------------------------------------------ parts a subclass may replace
     # (fastbyol.compat.byol_pytorch's BYOLTrainer: a user's network, Dataset and constant schedules)
@@ -157,11 +165,22 @@ class Trainer:
         }
 
     def save(self) -> None:
+        """Checkpoint the current step, only from a finite state (else :meth:`_check_finite` raises);
+        a step already on disk is not written again (for DeepSpeed that would rewrite its tag in place)."""
+        if self._saved_step == self.step:
+            return
         self._check_finite()
-        self.engine.save(self.ckpt_path, self._state())
+        self.engine.save(self.ckpt_path, self._state(), self.cfg.train.keep_last, final=self.step >= self.stop_step)
+        self._saved_step, self._last_save_time = self.step, time.monotonic()
 
     def _resume(self, path: str) -> None:
-        state = self.engine.load(resolve_checkpoint(path))
+        path = resolve_checkpoint(path)
+        state = load_checkpoint(path)
+        changed = check_resume_config(state.get("config"), self.cfg.to_dict(), self.cfg.train.resume_override, path)
+        if changed and self.dist.is_main:
+            log.warning("resuming with changed settings (--train.resume_override): %s",
+                        ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed))
+        state = self.engine.load(path, state)
         try:
             self.model.online.load_state_dict(state["online"])
             if self.model.target is not None:
@@ -170,8 +189,9 @@ class Trainer:
             raise FastByolError(f"checkpoint {path!r} does not match this model: {str(e).splitlines()[0]}") from None
         self.step = int(state["step"])
         self.knn_random = state.get("knn_random")
-        self.monitor.history = list(state.get("history") or [])
+        self.monitor.rewrite(state.get("history") or [])  # metrics.jsonl back to the checkpoint's step
         set_rng_state(state["rng"])
+        self._saved_step = self.step
         log.info("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------ evaluation
@@ -184,11 +204,47 @@ class Trainer:
         return knn_accuracy(encoder or self.model.online.encoder, bank, query, len(self.train_src.classes),
                             self.device, self.cfg.augment, t.knn_k, t.knn_t)
 
+    def _state_tensors(self):
+        return state_tensors(self.model.online, self.model.target, getattr(self.engine, "optimizer", None))
+
     def _check_finite(self) -> None:
-        if self._nonfinite is not None and bool(self._nonfinite):
-            raise FastByolError(
-                f"non-finite loss before step {self.step}: stopping (last good checkpoint kept at {self.ckpt_path}); "
-                "try a lower --optim.base_lr or --train.precision fp32")
+        """Raise unless the loss since the last check and the whole state (online, target, BatchNorm
+        statistics, optimizer) are finite on every rank: one device reduction, read here (log and
+        checkpoint steps only), all-reduced with several ranks so that they stop together."""
+        named = self._state_tensors()
+        state_bad = nonfinite_flag(named).to(self.device)
+        loss_bad = self._nonfinite if self._nonfinite is not None else torch.zeros((), dtype=torch.bool,
+                                                                                   device=self.device)
+        flags = torch.stack([loss_bad, state_bad]).to(torch.int32)
+        if self.dist.world_size > 1:
+            import torch.distributed as tdist
+
+            local = flags.clone()
+            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+        else:
+            local = flags
+        loss_any, state_any = flags.tolist()
+        if not (loss_any or state_any):
+            return
+        where = []
+        if loss_any:
+            where.append("the loss is NaN or inf" if local[0] else "the loss is NaN or inf on another rank")
+        if state_any:
+            where.append((describe_nonfinite(named) or "") if local[1] else "the state is non-finite on another rank")
+        kept = (f"the last finite checkpoint is kept ({self.ckpt_path}, step {self._saved_step})"
+                if self._saved_step is not None else "no checkpoint was written")
+        raise FastByolError(f"non-finite training state by step {self.step}: {'; '.join(where)}; stopping: {kept}; "
+                            "try a lower --optim.base_lr or --train.precision fp32")
+
+    def _poll_stop(self):
+        """(stop, checkpoint due) after an applied step, the same on every rank (:mod:`fastbyol.stop`)."""
+        minutes = self.cfg.train.ckpt_every_minutes
+        due = bool(minutes) and time.monotonic() - self._last_save_time >= 60 * minutes
+        requested = self._signals.requested if self._signals is not None else None
+        code, due = self._stop_agreement.poll(self.step, EXIT_CODES[requested] if requested else 0, due)
+        every = self.cfg.train.ckpt_every_steps
+        stop = next((name for name, c in EXIT_CODES.items() if c == code), None)  # the signal's name, or None
+        return stop, due or bool(every and self.step % every == 0)
 
     # ------------------------------------------------------------------ one step
     def start_steps(self) -> None:
@@ -239,6 +295,16 @@ class Trainer:
             self.knn_random = self.knn()
             self.monitor.log_knn(0, -1, self.knn_random)
         accum = cfg.dist.grad_accum
+        self._signals = StopSignals(announce=self.dist.is_main).install()
+        try:
+            return self._fit_loop(run_knn, accum)
+        finally:
+            self._signals.restore()
+
+    def _fit_loop(self, run_knn: bool, accum: int) -> Dict:
+        cfg, t = self.cfg, self.cfg.train
+        self._stop_agreement = StopAgreement(self.dist.world_size, self.device, t.stop_check_every)
+        self._last_save_time = time.monotonic()
         self.start_steps()
         t_start, step_start = time.perf_counter(), self.step
         last_knn = None
@@ -258,6 +324,11 @@ class Trainer:
                     self._check_finite()
                     self.monitor.log_step(self.step, epoch, t.epochs, self._mean_loss(), self.lr, self.tau,
                                           collapse_std(out.z).item(), self.loader.skipped)
+                stop, due = self._poll_stop()
+                if (stop or due) and self.step < self.stop_step:
+                    self.save()  # the final step's checkpoint is written below
+                if stop and self.step < self.stop_step:
+                    raise TrainingStopped(stop, self.step, self.ckpt_path)
                 if self.step >= self.stop_step or micro >= self.steps_per_epoch * accum:
                     break
             if self.step == step_before:

@@ -274,7 +274,7 @@ def test_two_ranks_with_accumulation_match_one_process_and_each_other(data_dir, 
     from fastbyol.cli import build_parser, resolve_config
     from fastbyol.trainer import DistInfo
 
-    args = smoke(data_dir, tmp_path / "ds", "--max-steps", "3", "--dist.grad_accum", "2")
+    args = smoke(data_dir, tmp_path / "ds", "--max-steps", "3", "--dist.grad_accum", "2", "--train.keep_last", "1")
     _launch(torchrun(WORKER, str(tmp_path), *args))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     # Every rank holds the same online and target network, parameters and buffers.
@@ -296,7 +296,7 @@ def test_two_ranks_with_accumulation_match_one_process_and_each_other(data_dir, 
     ck = load_checkpoint(str(tmp_path / "ds"))
     assert ck["step"] == 3 and ck["deepspeed"]["tag"] == "step00000003" and ck["deepspeed"]["world_size"] == 2
     assert os.listdir(tmp_path / "ds" / "deepspeed" / "step00000003")
-    assert not os.path.exists(tmp_path / "ds" / "deepspeed" / "step00000002")  # older tags removed
+    assert not os.path.exists(tmp_path / "ds" / "deepspeed" / "step00000002")  # older tags removed (keep_last 1)
     _assert_same(ck["online"], r0["online_state"], rtol=0, atol=0)
 
 

@@ -127,8 +127,9 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, 
     assert main(smoke_args(data_dir, run, "--max-steps", "2", "--epochs", "3")) == 0
     before = open(run / "checkpoint.pt", "rb").read()
     code, err = _error(capsys, smoke_args(data_dir, run, "--epochs", "3", "--resume", str(run),
-                                          "--lr", "1e38", "--train.log_every", "1"))
-    assert code == 2 and "non-finite loss" in err and len(err.splitlines()) == 1
+                                          "--lr", "1e38", "--train.log_every", "1",
+                                          "--train.resume_override", "optim.base_lr"))
+    assert code == 2 and "non-finite" in err and len(err.splitlines()) == 1
     assert open(run / "checkpoint.pt", "rb").read() == before
 
 
@@ -136,6 +137,9 @@ def test_resume_with_another_optimizer_is_refused(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(smoke_args(data_dir, run, "--max-steps", "1")) == 0
     code, err = _error(capsys, smoke_args(data_dir, run, "--resume", str(run), "--optimizer", "sgd"))
+    assert code == 2 and "optim.optimizer 'lars' -> 'sgd'" in err and len(err.splitlines()) == 1
+    code, err = _error(capsys, smoke_args(data_dir, run, "--resume", str(run), "--optimizer", "sgd",
+                                          "--train.resume_override", "true"))
     assert code == 2 and "trained with LARS" in err
 
 

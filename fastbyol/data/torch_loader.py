@@ -23,6 +23,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from ..augment import augment_pair, center_view, stack_draws, two_crops
 from ..config import AugmentConfig
 from ..errors import FastByolError
+from ..stop import ignore_stop_signals
 from .base import TwoViewBatch
 from .image_source import ImageSource, read_encoded
 
@@ -171,6 +172,7 @@ class TorchTwoViewLoader:
             items, batch_size=None, sampler=batches, num_workers=self.workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if self.workers > 0 else None,
+            worker_init_fn=ignore_stop_signals if self.workers > 0 else None,  # SIGTERM/Ctrl-C: fastbyol.stop
         )
 
     def __iter__(self) -> Iterator[TwoViewBatch]:

@@ -146,6 +146,8 @@ def add_eval_parsers(sub) -> None:
     li.add_argument("--lr", type=_csv(float), default=None, help="lr or comma-separated grid")
     li.add_argument("--schedule", choices=["cosine", "step"], default=None)
     li.add_argument("--holdout", type=float, default=None, help="held out to pick the lr: images, or a fraction < 1")
+    li.add_argument("--standardize", type=lambda v: v.lower() in ("1", "true", "yes", "on"), default=None,
+                    metavar="BOOL", help="standardise features by train mean/std first (preset default: on, others off)")
     li.add_argument("--crop-scale", type=_csv(float), default=None, help="training crop area range MIN,MAX")
     kn.add_argument("--k", type=_csv(int), default=[200], help="neighbours (comma-separated: one result per k)")
     kn.add_argument("--t", type=float, default=0.1, help="temperature")

@@ -28,7 +28,7 @@ from ..data.image_source import ImageSource
 from ..errors import FastByolError
 from .encoder import LoadedEncoder, load_encoder
 from .features import Features, extract_features, rank_and_world
-from .linear import (PRESET_FOR_TRAINING, LinearConfig, augmented_batches, evaluate, fitted_batch_size,
+from .linear import (PRESET_FOR_TRAINING, LinearConfig, augmented_batches, evaluate, feature_stats, fitted_batch_size,
                      holdout_split, linear_preset, precomputed_batches, select_lr, train_probe)
 
 log = logging.getLogger("fastbyol")
@@ -208,7 +208,7 @@ def run_knn(ns) -> Dict:
 
 def linear_config(ns, preset_name: str) -> LinearConfig:
     cfg = linear_preset(preset_name)
-    for name in ("mode", "epochs", "batch_size", "schedule", "holdout"):
+    for name in ("mode", "epochs", "batch_size", "schedule", "holdout", "standardize"):
         if getattr(ns, name, None) is not None:
             setattr(cfg, name, getattr(ns, name))
     if ns.lr is not None:
@@ -227,7 +227,8 @@ def run_linear(ns) -> Dict:
     say(f"linear probe ({MODE_NAMES[cfg.mode]}) of the {s.loaded.describe()}: {s.data['train']} "
         f"({len(s.train)} images) -> {s.data['val']} ({len(s.val)} images), {classes} classes, preset "
         f"{s.preset}, {cfg.epochs} epochs, batch {batch}{' (fitted to the data set)' if batch != cfg.batch_size else ''}, "
-        f"{cfg.schedule} schedule, lr {'grid ' if len(cfg.lrs) > 1 else ''}{','.join(map(str, cfg.lrs))}")
+        f"{cfg.schedule} schedule, lr {'grid ' if len(cfg.lrs) > 1 else ''}{','.join(map(str, cfg.lrs))}"
+        f"{', standardised features' if cfg.standardize else ''}")
     t0 = time.perf_counter()
     val = s.features(s.val, gather=False, l2=False)
     steps = lambda n: -(-n // batch)  # noqa: E731 (global batches per epoch)
@@ -255,6 +256,9 @@ def run_linear(ns) -> Dict:
                 f"({time.perf_counter() - t0:.0f}s)")
         return show
 
+    stats = None
+    if cfg.standardize:  # from the training set's centre views (no labels, nothing of val)
+        stats = feature_stats(train if cfg.mode == "features" else s.features(s.train, gather=True, l2=False))
     grid = []
     lr = cfg.lrs[0]
     if len(cfg.lrs) > 1:
@@ -272,7 +276,7 @@ def run_linear(ns) -> Dict:
 
         def run_one(lr_: float):
             probe, _ = train_probe(batches_for(fit), steps(len(fit)), s.dim, classes, lr_, cfg, s.device, None,
-                                   progress(f"select lr {lr_:g}", cfg.epochs, "held-out"))
+                                   progress(f"select lr {lr_:g}", cfg.epochs, "held-out"), stats)
             return evaluate(probe, held_f)
 
         lr, grid = select_lr(run_one, cfg.lrs)
@@ -280,7 +284,7 @@ def run_linear(ns) -> Dict:
             say(f"lr {g['lr']:g}: held-out top-1 {g['holdout_top1']:.2f}% top-5 {g['holdout_top5']:.2f}%")
         say(f"picked lr {lr:g}; retraining on all {len(s.train)} training images")
     _, history = train_probe(batches_for(None), steps(len(s.train)), s.dim, classes, lr, cfg, s.device, val,
-                             progress(f"lr {lr:g}", cfg.epochs, "val"))
+                             progress(f"lr {lr:g}", cfg.epochs, "val"), stats)
     final = history[-1]
     result = {"protocol": "linear", "mode": cfg.mode, "mode_description": MODE_NAMES[cfg.mode],
               "preset": s.preset, "config": {**cfg.__dict__, "batch_size_used": batch},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -51,13 +52,21 @@ class LoadedEncoder:
                 "backbone": self.backbone, "cifar_stem": self.cifar_stem, "step": self.step, "notes": self.notes}
 
 
-def _compare(sd: Dict[str, torch.Tensor], enc: nn.Module) -> Tuple[List[str], List[str], List[str]]:
-    """(missing, unexpected, other-shape) keys of ``sd`` against ``enc``'s state_dict."""
-    want = enc.state_dict()
+@lru_cache(maxsize=None)
+def _layout(name: str, cifar_stem: bool) -> Dict[str, Tuple[int, ...]]:
+    """Tensor names and shapes of an encoder's state_dict (built on the meta device: instant)."""
+    with torch.device("meta"):
+        enc, _ = build_encoder(name, cifar_stem)
+    return {k: tuple(v.shape) for k, v in enc.state_dict().items()}
+
+
+def _compare(sd: Dict[str, torch.Tensor], arch: Tuple[str, bool]) -> Tuple[List[str], List[str], List[str]]:
+    """(missing, unexpected, other-shape) keys of ``sd`` against architecture ``arch``."""
+    want = _layout(*arch)
     missing = [k for k in want if k not in sd]
     unexpected = [k for k in sd if k not in want]
-    shape = [f"{k!r} {list(sd[k].shape)} vs {list(want[k].shape)}" for k in want
-             if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
+    shape = [f"{k!r} {list(sd[k].shape)} vs {list(want[k])}" for k in want
+             if k in sd and tuple(sd[k].shape) != want[k]]
     return missing, unexpected, shape
 
 
@@ -94,29 +103,25 @@ def _tensor_dict(obj) -> Optional[Dict[str, torch.Tensor]]:
 def _from_state_dict(sd: Dict[str, torch.Tensor], backbone: Optional[str], path: str, what: str
                      ) -> Tuple[nn.Module, str, bool]:
     """Build the matching encoder and load ``sd`` into it (strictly)."""
-    first_error = None
     for name, stem in _candidates(backbone, sd):
-        enc, _ = build_encoder(name, stem)
-        missing, unexpected, shape = _compare(sd, enc)
-        if not (missing or unexpected or shape):
+        if not any(_compare(sd, (name, stem))):
+            enc, _ = build_encoder(name, stem)
             enc.load_state_dict(sd)
             return enc, name, stem
-        if first_error is None:
-            overlap = len(set(sd) & set(enc.state_dict()))
-            if overlap == 0 and backbone is not None:
-                first_error = (f"{path}: not a fastbyol or torchvision checkpoint: none of its {len(sd)} tensors "
-                               f"(e.g. {next(iter(sd))!r}) is a parameter of a {name} encoder")
-            else:
-                parts = [f"{len(missing)} missing (e.g. {missing[0]!r})"] if missing else []
-                parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})"] if unexpected else []
-                parts += [f"{len(shape)} of another shape (e.g. {shape[0]})"] if shape else []
-                first_error = f"{path}: {what} does not match --backbone {name}: " + ", ".join(parts)
-    if backbone is not None:
-        guess = [n for n, s in _candidates(None, sd) if not any(_compare(sd, build_encoder(n, s)[0]))]
-        raise FastByolError(first_error + (f"; it is a {guess[0]} encoder" if guess else ""))
-    raise FastByolError(f"{path}: not a fastbyol or torchvision checkpoint: its {len(sd)} tensors (e.g. "
-                        f"{next(iter(sd))!r}) match none of fastbyol's encoders ({', '.join(BACKBONE_NAMES)}); "
-                        "pass --backbone to see what differs")
+    foreign = (f"{path}: not a fastbyol or torchvision checkpoint: its {len(sd)} tensors (e.g. {next(iter(sd))!r}) "
+               f"match none of fastbyol's encoders ({', '.join(BACKBONE_NAMES)})")
+    if backbone is None:
+        raise FastByolError(foreign + "; pass --backbone to see what differs")
+    arch = _candidates(backbone, sd)[0]
+    guess = [n for n, st in _candidates(None, sd) if not any(_compare(sd, (n, st)))]
+    if not guess and not set(sd) & set(_layout(*arch)):
+        raise FastByolError(foreign)
+    missing, unexpected, shape = _compare(sd, arch)
+    parts = [f"{len(missing)} missing (e.g. {missing[0]!r})"] if missing else []
+    parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})"] if unexpected else []
+    parts += [f"{len(shape)} of another shape (e.g. {shape[0]})"] if shape else []
+    raise FastByolError(f"{path}: {what} does not match --backbone {backbone}: " + ", ".join(parts)
+                        + (f"; it is a {guess[0]} encoder" if guess else ""))
 
 
 def load_encoder(path: Optional[str], backbone: Optional[str] = None, random_init: bool = False, seed: Optional[int] = None,
@@ -153,11 +158,10 @@ def load_encoder(path: Optional[str], backbone: Optional[str] = None, random_ini
             return LoadedEncoder(enc, name, stem, "random init", "random init", None, config=cfg,
                                  notes=[f"architecture and data of {file}"])
         sd = encoder_state_dict(obj)
-        enc, _ = build_encoder(name, stem)
-        missing, unexpected, shape = _compare(sd, enc)
-        if missing or unexpected or shape:
+        if any(_compare(sd, (name, stem))):
             raise FastByolError(f"{file}: its online encoder does not match its own config ({name}); "
                                 "was it trained with a custom module? Evaluate it from Python instead")
+        enc, _ = build_encoder(name, stem)
         enc.load_state_dict(sd)
         return LoadedEncoder(enc, name, stem, "fastbyol checkpoint", "online encoder", file, config=cfg,
                              step=int(obj.get("step", 0)))

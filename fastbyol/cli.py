@@ -157,11 +157,10 @@ def add_eval_parsers(sub) -> None:
 def cmd_eval(ns: argparse.Namespace) -> int:
     from .eval.run import run_knn, run_linear
 
-    if ns.eval_command == "knn" and (min(ns.k) < 1 or ns.t <= 0):
+    if ns.eval_command == "knn" and (not ns.k or min(ns.k) < 1 or ns.t <= 0):
         raise FastByolError("--k must be >= 1 and --t > 0")
-    if ns.crop_scale is not None if ns.eval_command == "linear" else False:
-        if len(ns.crop_scale) != 2:
-            raise FastByolError("--crop-scale takes MIN,MAX")
+    if ns.eval_command == "linear" and ns.crop_scale is not None and len(ns.crop_scale) != 2:
+        raise FastByolError("--crop-scale takes MIN,MAX")
     (run_linear if ns.eval_command == "linear" else run_knn)(ns)
     return 0
 

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from fastbyol.cli import main
-from fastbyol.errors import FastByolError
 
 from helpers import make_image_folder
 

@@ -19,7 +19,7 @@ layer is tiny), so the result does not depend on the number of ranks.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -253,9 +253,5 @@ def select_lr(run_one: Callable[[float], Tuple[float, float]], lrs: Sequence[flo
     return best["lr"], grid
 
 
-def config_dict(cfg: LinearConfig) -> Dict:
-    return asdict(cfg)
-
-
 __all__ = ["LinearConfig", "LINEAR_PRESETS", "linear_preset", "fitted_batch_size", "holdout_split", "train_probe",
-           "precomputed_batches", "select_lr", "evaluate", "rank_and_world"]
+           "precomputed_batches", "augmented_batches", "select_lr", "evaluate", "Standardize", "feature_stats"]

@@ -144,6 +144,7 @@ class Setup:
 
     def __init__(self, ns):
         self.device, self.created_group = start_distributed(ns.device, ns.timeout_minutes)
+        self.rank, self.world = rank_and_world()
         self.loaded = load_encoder(ns.checkpoint, ns.backbone, ns.random_init, ns.seed, ns.cifar_stem or None)
         self.preset = eval_preset(getattr(ns, "preset", None), self.loaded, ns.data)
         self.train, self.val, cfg = eval_sources(self.loaded, ns.data, ns.val_data, ns.seed or 0)
@@ -152,8 +153,11 @@ class Setup:
         self.size, self.workers, self.batch = size, ns.workers, ns.eval_batch
         self.encoder = place(self.loaded, self.device, size)
         self.dim = feature_dim(self.encoder, size)
-        self.rank, self.world = rank_and_world()
         self.out = out_dir(ns.out, ns.checkpoint)
+        if self.rank == 0:
+            from ..trainer import check_writable
+
+            check_writable(self.out)  # before minutes of work, not after
         self.data = {"train": cfg.data.data or "embedded default set (train)",
                      "val": cfg.data.val_data or ("embedded default set (held-out)" if cfg.data.data is None
                                                   else f"{cfg.data.val_fraction:.0%} held out of --data"),

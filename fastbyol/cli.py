@@ -1,4 +1,4 @@
-"""``fastbyol`` command line: ``train``, ``export``, ``bench``, ``gpu-check``.
+"""``fastbyol`` command line: ``train``, ``export``, ``eval linear|knn``, ``bench``, ``gpu-check``.
 
 Errors a user can fix (bad config, missing data, non-finite loss, unwritable output) print
 one line, ``fastbyol: error: ...``, and exit with status 2; no traceback. A run stopped by
@@ -31,7 +31,16 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line."""
 
     def error(self, message: str):
-        self.exit(2, f"fastbyol: error: {message} (see 'fastbyol {self.prog.split()[-1]} --help')\n")
+        # prog is the whole command ("fastbyol", "fastbyol train", "fastbyol eval linear").
+        self.exit(2, f"fastbyol: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # Left-over arguments surface at the top parser: name the subcommand they were given to.
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            words = [self.prog] + [w for w in (getattr(ns, "command", None), getattr(ns, "eval_command", None)) if w]
+            self.exit(2, f"fastbyol: error: unrecognized arguments: {' '.join(extras)} (see '{' '.join(words)} --help')\n")
+        return ns
 
 
 def _metavar(typ) -> str:
@@ -82,12 +91,82 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write the online encoder of a checkpoint as a plain state_dict")
     ex.add_argument("checkpoint", help="checkpoint file or run folder")
     ex.add_argument("output", help="output .pt file")
+    add_eval_parsers(sub)
     be = sub.add_parser("bench", help="throughput benchmark (benchmarks/bench_train.py)", add_help=False)
     be.add_argument("args", nargs=argparse.REMAINDER)
     gc = sub.add_parser("gpu-check", help="measure everything on the first GPU (benchmarks/gpucheck; --tiny on CPU)",
                         add_help=False)
     gc.add_argument("args", nargs=argparse.REMAINDER)
     return p
+
+
+def _csv(typ):
+    def parse(text: str):
+        try:
+            return [typ(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {typ.__name__}s, got {text!r}") from None
+    return parse
+
+
+def add_eval_parsers(sub) -> None:
+    """``fastbyol eval linear|knn`` (fastbyol/eval/)."""
+    ev = sub.add_parser("eval", help="evaluate a frozen encoder: linear probe or weighted kNN",
+                        description="Evaluate the encoder of a fastbyol checkpoint, a run folder, an exported "
+                                    "encoder, a torchvision state_dict, or --random-init.")
+    evsub = ev.add_subparsers(dest="eval_command", metavar="{linear,knn}", required=True, parser_class=OneLineParser)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    li = evsub.add_parser("linear", help="the paper's linear protocol (or --mode features)", formatter_class=fmt,
+                          description="Linear evaluation: a linear layer on the frozen encoder's pooled features. "
+                                      "Presets: imagenet (the paper's), cifar (solo-learn's), default (embedded set); "
+                                      "unset flags come from the preset.")
+    kn = evsub.add_parser("knn", help="weighted kNN (k=200, T=0.1) of the training monitor", formatter_class=fmt,
+                          description="Weighted kNN (cosine similarity, exp(sim/T) votes) on centre views.")
+    for p in (li, kn):
+        p.add_argument("checkpoint", nargs="?", default=None,
+                       help="fastbyol checkpoint or run folder, exported encoder, or torchvision state_dict "
+                            "(omit with --random-init and --backbone)")
+        p.add_argument("--random-init", action="store_true",
+                       help="random weights of the checkpoint's (or --backbone's) architecture: the reference row")
+        p.add_argument("--backbone", default=None, help="expected encoder (default: the checkpoint's)")
+        p.add_argument("--cifar-stem", action="store_true", help="with --random-init and no checkpoint: CIFAR stem")
+        p.add_argument("--data", default=None, help="labelled training images (default: the checkpoint's, "
+                                                     "else the embedded set)")
+        p.add_argument("--val-data", default=None, help="labelled test images (default: held out as in training)")
+        p.add_argument("--image-size", type=int, default=None, help="evaluation crop (default: the checkpoint's)")
+        p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+        p.add_argument("--eval-batch", type=int, default=256, help="batch of the feature extraction")
+        p.add_argument("--device", default="auto", help="auto / cpu / cuda")
+        p.add_argument("--seed", type=int, default=None, help="random-init weights, data order, crops")
+        p.add_argument("--out", default=None, help="folder of the JSON (and PNG) results "
+                                                    "(default: <run folder>/eval, else runs/eval)")
+        p.add_argument("--timeout-minutes", type=float, default=30.0, help="process-group timeout (several ranks)")
+    li.add_argument("--preset", choices=["imagenet", "cifar", "default"], default=None,
+                    help="default: from the checkpoint's training preset, else from --data")
+    li.add_argument("--mode", choices=["full", "features"], default=None,
+                    help="full: the paper's protocol; features: precomputed centre-view features (fast)")
+    li.add_argument("--epochs", type=int, default=None)
+    li.add_argument("--batch-size", type=int, default=None, help="global batch (halved while > 1/8 of train)")
+    li.add_argument("--lr", type=_csv(float), default=None, help="lr or comma-separated grid")
+    li.add_argument("--schedule", choices=["cosine", "step"], default=None)
+    li.add_argument("--holdout", type=float, default=None, help="held out to pick the lr: images, or a fraction < 1")
+    li.add_argument("--standardize", type=lambda v: v.lower() in ("1", "true", "yes", "on"), default=None,
+                    metavar="BOOL", help="standardise features by train mean/std first (preset default: on, others off)")
+    li.add_argument("--crop-scale", type=_csv(float), default=None, help="training crop area range MIN,MAX")
+    kn.add_argument("--k", type=_csv(int), default=[200], help="neighbours (comma-separated: one result per k)")
+    kn.add_argument("--t", type=float, default=0.1, help="temperature")
+    kn.add_argument("--max-bank", type=int, default=None, help="cap on the bank (random subset); default: all")
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from .eval.run import run_knn, run_linear
+
+    if ns.eval_command == "knn" and (not ns.k or min(ns.k) < 1 or ns.t <= 0):
+        raise FastByolError("--k must be >= 1 and --t > 0")
+    if ns.eval_command == "linear" and ns.crop_scale is not None and len(ns.crop_scale) != 2:
+        raise FastByolError("--crop-scale takes MIN,MAX")
+    (run_linear if ns.eval_command == "linear" else run_knn)(ns)
+    return 0
 
 
 def auto_preset(data: Optional[str]) -> str:
@@ -161,7 +240,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv[:1] == ["gpu-check"]:
             return cmd_gpu_check(argparse.Namespace(args=argv[1:]))
         ns = build_parser().parse_args(argv)
-        return {"train": cmd_train, "export": cmd_export, "bench": cmd_bench, "gpu-check": cmd_gpu_check}[ns.command](ns)
+        return {"train": cmd_train, "export": cmd_export, "eval": cmd_eval, "bench": cmd_bench,
+                "gpu-check": cmd_gpu_check}[ns.command](ns)
     except FastByolError as e:
         print(f"fastbyol: error: {e}", file=sys.stderr)
         return 2

@@ -49,6 +49,7 @@ import os
 import re
 import shutil
 import sys
+from datetime import timedelta
 from functools import partial
 from typing import Any, Dict, Optional
 
@@ -387,7 +388,10 @@ def deepspeed_trainer(cfg: Config, dist: DistInfo, trainer_cls=Trainer, optimize
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before NCCL, so each rank's communicator lives on its own GPU
     if not tdist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend_for(device), verbose=False)
+        # The timeout bounds every collective, including the ranks' wait for a slow kNN or
+        # checkpoint: torch's NCCL default (10 min) is too short for ImageNet's kNN.
+        deepspeed.init_distributed(dist_backend=backend_for(device), verbose=False,
+                                   timeout=timedelta(minutes=cfg.dist.timeout_minutes))
     if tdist.get_world_size() != dist.world_size:
         raise FastByolError(f"launcher says WORLD_SIZE={dist.world_size} but the process group has "
                             f"{tdist.get_world_size()} ranks")

@@ -1,61 +1,73 @@
 """Weighted kNN monitor (Wu et al. 2018, InstDisc): k = 200, T = 0.1, cosine similarity.
 
 Features are the encoder's (after global pooling), L2-normalised, computed in eval mode on
-un-augmented images. Each query votes with ``exp(sim / T)`` over its k nearest bank
-entries.
+un-augmented images (:func:`fastbyol.eval.features.extract_features`). Each query votes with
+``exp(sim / T)`` over its k nearest bank entries.
+
+Sharded over ranks: each rank extracts its shard of the bank and of the queries, the bank is
+gathered onto every rank, each rank votes for its own queries, and the counts of correct
+answers are summed. No rank idles, and the result equals one process's.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .augment import normalize
-from .backbones import memory_format_of
 from .config import AugmentConfig
 from .errors import FastByolError
+from .eval.features import Features, all_reduce_sum, extract_features
 
 
-@torch.no_grad()
-def extract_features(encoder: nn.Module, loader, device: torch.device, aug: AugmentConfig
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features ``[N, d]`` (float32) and labels ``[N]`` of a uint8 loader."""
-    was_training, layout = encoder.training, memory_format_of(encoder)
-    encoder.eval()
-    feats, labels = [], []
-    for images, y, _bad in loader:
-        if images is None:
-            continue
-        x = normalize(images.to(device).float().div_(255.0), aug).contiguous(memory_format=layout)
-        feats.append(F.normalize(encoder(x).float(), dim=1))
-        labels.append(y.to(device))
-    encoder.train(was_training)
-    if not feats:
-        raise FastByolError("the kNN image set holds no readable image")
-    return torch.cat(feats), torch.cat(labels)
+def knn_votes(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
+              k: int = 200, t: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+    """Class votes ``[n, num_classes]`` of each (normalised) query row: the sum of
+    ``exp(sim / t)`` over its ``k`` most similar bank rows, per class."""
+    k = min(k, bank.shape[0])
+    out = []
+    for q in query.split(chunk):
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
+        votes.scatter_add_(1, bank_labels[idx], (sim / t).exp())
+        out.append(votes)
+    return torch.cat(out) if out else torch.zeros(0, num_classes, device=query.device)
 
 
 def knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
                 k: int = 200, t: float = 0.1, chunk: int = 1024) -> torch.Tensor:
     """Predicted class of each (normalised) query row by temperature-weighted kNN voting."""
-    k = min(k, bank.shape[0])
-    preds = []
-    for q in query.split(chunk):
-        sim, idx = (q @ bank.T).topk(k, dim=1)
-        weights = (sim / t).exp()
-        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
-        votes.scatter_add_(1, bank_labels[idx], weights)
-        preds.append(votes.argmax(1))
-    return torch.cat(preds)
+    return knn_votes(query, bank, bank_labels, num_classes, k, t, chunk).argmax(1)
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
+    """Number of rows whose label is among the ``k`` best scores, for each ``k`` (float
+    tensor on the scores' device; no host sync)."""
+    best = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    hit = best == labels[:, None]
+    return torch.stack([hit[:, :k].any(1).sum() for k in ks]).float()
+
+
+def knn_scores(bank: Features, query: Features, num_classes: int, ks: Sequence[int] = (200,), t: float = 0.1
+               ) -> Dict[int, Tuple[float, float]]:
+    """``{k: (top-1 %, top-5 %)}`` of weighted kNN; ``bank`` is the whole bank (gathered),
+    ``query`` this rank's queries; counts are summed over ranks."""
+    counts = torch.stack([torch.cat([topk_correct(knn_votes(query.feats, bank.feats, bank.labels, num_classes, k, t),
+                                                  query.labels), query.feats.new_tensor([len(query)])])
+                          for k in ks])
+    counts = all_reduce_sum(counts).tolist()  # one host sync for all k
+    total = counts[0][2]
+    if total == 0:
+        raise FastByolError("the kNN query set holds no readable image")
+    return {k: (100.0 * c[0] / total, 100.0 * c[1] / total) for k, c in zip(ks, counts)}
 
 
 def knn_accuracy(encoder: nn.Module, bank_loader, query_loader, num_classes: int, device: torch.device,
                  aug: AugmentConfig, k: int = 200, t: float = 0.1) -> float:
     """Top-1 accuracy (percent) of weighted kNN: bank = labelled training images,
-    queries = the held-out set."""
-    bank, bank_labels = extract_features(encoder, bank_loader, device, aug)
-    query, query_labels = extract_features(encoder, query_loader, device, aug)
-    pred = knn_predict(query, bank, bank_labels, num_classes, k, t)
-    return 100.0 * (pred == query_labels).float().mean().item()
+    queries = the held-out set. Loaders give this rank's shard (see the module doc)."""
+    bank = extract_features(encoder, bank_loader, device, aug)
+    if len(bank) == 0:
+        raise FastByolError("the kNN image set holds no readable image")
+    query = extract_features(encoder, query_loader, device, aug, gather=False)
+    return knn_scores(bank, query, num_classes, (k,), t)[k][0]

@@ -20,7 +20,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint, rn
 from .config import Config
 from .backbones import memory_format
 from .data import build_train_loader, resolve_sources
-from .data.torch_loader import eval_loader
+from .data.eval_views import eval_loader
 from .engine import LocalEngine
 from .errors import EXIT_CODES, FastByolError
 from .finite import describe_nonfinite, nonfinite_flag, state_tensors
@@ -196,16 +196,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def knn(self, encoder=None) -> float:
-        t = self.cfg.train
+        """Weighted kNN top-1 on all ranks: each extracts its shard of the bank and of the
+        queries, the bank is gathered, each votes for its queries (:mod:`fastbyol.knn`)."""
+        t, rank, world = self.cfg.train, self.dist.rank, self.dist.world_size
         workers = self.cfg.data.workers
         size = self.cfg.augment.image_size
-        bank = eval_loader(self.train_src, size, 256, workers, t.knn_max_train, t.seed)
-        query = eval_loader(self.val_src, size, 256, workers)
+        bank = eval_loader(self.train_src, size, 256, workers, t.knn_max_train, t.seed, rank, world)
+        query = eval_loader(self.val_src, size, 256, workers, rank=rank, world_size=world)
         return knn_accuracy(encoder or self.model.online.encoder, bank, query, len(self.train_src.classes),
                             self.device, self.cfg.augment, t.knn_k, t.knn_t)
 
     def _state_tensors(self):
         return state_tensors(self.model.online, self.model.target, getattr(self.engine, "optimizer", None))
+    def _knn_at(self, step: int, epoch: int) -> float:
+        """kNN top-1 after ``step``, logged; taken from the history when this step's kNN ran
+        before an interruption (a resumed run does not repeat it)."""
+        done = [r["knn_top1"] for r in self.monitor.history if "knn_top1" in r and r["step"] == step]
+        if done:
+            return done[-1]
+        top1 = self.knn()
+        self.monitor.log_knn(step, epoch, top1)
+        return top1
 
     def _check_finite(self) -> None:
         """Raise unless the loss since the last check and the whole state (online, target, BatchNorm
@@ -290,7 +301,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> Dict:
         cfg, t = self.cfg, self.cfg.train
-        run_knn = t.knn_every > 0 and self.dist.is_main
+        run_knn = t.knn_every > 0  # on every rank: the kNN is sharded
         if run_knn and self.knn_random is None and self.step == 0:
             self.knn_random = self.knn()
             self.monitor.log_knn(0, -1, self.knn_random)
@@ -338,13 +349,11 @@ class Trainer:
             finished = self.step >= self.stop_step
             done_epochs = self.step // self.steps_per_epoch
             if epoch_done and run_knn and (done_epochs % t.knn_every == 0 or finished):
-                last_knn = self.knn()
-                self.monitor.log_knn(self.step, done_epochs - 1, last_knn)
+                last_knn = self._knn_at(self.step, done_epochs - 1)
             if finished or (epoch_done and t.ckpt_every and done_epochs % t.ckpt_every == 0):
                 self.save()
         if run_knn and last_knn is None:
-            last_knn = self.knn()
-            self.monitor.log_knn(self.step, self.step // self.steps_per_epoch, last_knn)
+            last_knn = self._knn_at(self.step, self.step // self.steps_per_epoch)
         elapsed = time.perf_counter() - t_start
         summary = {
             "steps": self.step, "epochs": self.step / self.steps_per_epoch, "seconds": elapsed,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from ..augment import augment_pair, center_view, stack_draws, two_crops
+from ..augment import augment_pair, stack_draws, two_crops
 from ..config import AugmentConfig
 from ..errors import FastByolError
 from ..stop import ignore_stop_signals
@@ -73,14 +73,6 @@ def collate_two_crops(items):
         return None, None, bad, None
     draws = tuple(stack_draws([it[2][v] for it in good]) for v in (0, 1))
     return torch.stack([it[0] for it in good]), torch.tensor([it[1] for it in good]), bad, draws
-
-
-def collate_crops(items):
-    good = [(c, y) for c, y in items if c is not None]
-    bad = [y for c, y in items if c is None]
-    if not good:
-        return None, None, bad
-    return torch.stack([c for c, _ in good]), torch.tensor([y for _, y in good]), bad
 
 
 class TwoViewBatchDataset(Dataset):
@@ -190,31 +182,3 @@ class TorchTwoViewLoader:
         self._skipped += len(bad)
         self.bad_files.extend(bad[: max(0, 20 - len(self.bad_files))])
         log.warning("skipped %d unreadable image(s) (%d so far), e.g. %s", len(bad), self._skipped, bad[0])
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-class CenterViewDataset(Dataset):
-    """Un-augmented evaluation view (resize + centre crop), uint8 ``[3, S, S]``."""
-
-    def __init__(self, source: ImageSource, size: int):
-        self.source, self.size = source, size
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int):
-        img = open_rgb(self.source, i)
-        if img is None:
-            return None, -1
-        return torch.from_numpy(center_view(img, self.size)), int(self.source.labels[i])
-
-
-def eval_loader(source: ImageSource, size: int, batch_size: int, workers: int,
-                max_items: Optional[int] = None, seed: int = 0) -> DataLoader:
-    """Batches of (uint8 images, labels) for kNN; unreadable files are dropped."""
-    if max_items is not None and len(source) > max_items:
-        idx = np.sort(np.random.default_rng(seed).choice(len(source), max_items, replace=False))
-        source = source.subset(idx)
-    return DataLoader(CenterViewDataset(source, size), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, collate_fn=collate_crops)

@@ -26,6 +26,7 @@ HARMLESS = frozenset({
     "train.stop_check_every", "train.knn_every", "train.knn_k", "train.knn_t", "train.knn_max_train",
     "train.kernels", "train.compile", "train.channels_last", "train.device", "data.workers", "data.cache_dir",
     "data.val_data", "dist.deepspeed", "dist.ds_config", "dist.zero_stage", "dist.grad_accum",
+    "dist.timeout_minutes",
 })
 
 

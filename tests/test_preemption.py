@@ -47,7 +47,8 @@ class Run:
     def __init__(self, argv, env=None, module=True):
         e = {k: v for k, v in os.environ.items()
              if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu",
+        # The straight run is in this process: same thread count here, or the float sums differ.
+        e.update(OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu",
                  PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), **(env or {}))
         cmd = [sys.executable, *(["-m", "fastbyol"] if module else []), *argv]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=e, text=True, stdout=subprocess.PIPE,

@@ -123,7 +123,10 @@ class BYOLTrainer:
             train=TrainConfig(batch_size=batch_size, epochs=-(-num_train_steps // steps_per_epoch),
                               max_steps=num_train_steps, precision=PRECISIONS[mixed], seed=seed,
                               out=str(checkpoint_folder), resume=resume or None, device=device, log_every=log_every,
-                              ckpt_every=0, knn_every=0, kernels=self.byol.kernels),
+                              ckpt_every=0, knn_every=0, kernels=self.byol.kernels,
+                              # lr and tau are constant here: the epoch count only says how long to
+                              # run, so a resume may train for more steps than the first run asked.
+                              resume_override="train.epochs"),
             data=DataConfig(workers=workers),
         )
         opt_kwargs = dict(optimizer_kwargs or {})

@@ -17,9 +17,10 @@ from typing import Dict, List, Sequence, Tuple, Union
 import torch
 
 from ._backend import BACKENDS, use_triton
+from .launches import EMA_BLOCK, ema_launch
 
 Momentum = Union[float, torch.Tensor]
-BLOCK = 4096  # elements per program: 16 fp32 per thread at 8 warps, 4 vector loads each side
+BLOCK = EMA_BLOCK
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_PLANS = 64  # distinct parameter lists cached; more than any real training script uses
 
@@ -58,12 +59,6 @@ def _dtype_groups(targets, onlines) -> Dict[Tuple[torch.dtype, torch.dtype], Lis
 
 
 # ----------------------------------------------------------------------------- Triton
-
-def _tl_dtypes():
-    import triton.language as tl
-
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
 
 def _get_kernel():
     from ._triton_ema import ema_kernel  # triton is imported only here
@@ -164,14 +159,10 @@ def _cached_plans(targets, onlines, block: int, strict: bool) -> _Plans:
 def _ema_triton_(targets, onlines, momentum: Momentum, strict: bool = True, block: int = BLOCK) -> None:
     plans = _cached_plans(targets, onlines, block, strict)
     if plans.kernel:
-        kernel, tl_dtypes = _get_kernel(), _tl_dtypes()
-        m_is_tensor = isinstance(momentum, torch.Tensor)
-        m_value = 0.0 if m_is_tensor else float(momentum)
+        kernel = _get_kernel()
         for plan in plans.kernel:
-            kernel[(plan.n_blocks,)](plan.t_blocks, plan.o_blocks, plan.blk_len,
-                                     momentum if m_is_tensor else plan.blk_len, m_value,  # unused pointer for a float
-                                     T_DTYPE=tl_dtypes[plan.t_dtype], O_DTYPE=tl_dtypes[plan.o_dtype],
-                                     M_IS_TENSOR=m_is_tensor, ALIGNED=plan.aligned, BLOCK=plan.block, num_warps=8)
+            ema_launch(plan.t_blocks, plan.o_blocks, plan.blk_len, plan.t_dtype, plan.o_dtype, plan.aligned,
+                       plan.block, momentum).run(kernel)
     if plans.rest:
         ema_update_reference_([targets[i] for i in plans.rest], [onlines[i] for i in plans.rest], momentum)
 

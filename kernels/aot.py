@@ -49,9 +49,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------- signature
 
-def arg_specialisation(value) -> Tuple[str, bool]:
+def arg_specialisation(value, specialise: bool = True) -> Tuple[str, bool]:
     """``(type, divisible_by_16)`` of one runtime argument as Triton's launcher specialises it
-    (``("constexpr", False)`` for the integer 1, which Triton turns into a constant)."""
+    (``("constexpr", False)`` for the integer 1, which Triton turns into a constant), or, for
+    a parameter in the kernel's ``do_not_specialize``, only its type."""
     if isinstance(value, torch.Tensor):
         if value.dtype not in _TYPES:
             raise ValueError(f"no Triton pointer type for {value.dtype}")
@@ -59,18 +60,24 @@ def arg_specialisation(value) -> Tuple[str, bool]:
     if isinstance(value, bool):
         raise ValueError("a bool runtime argument: pass it as a constexpr")
     if isinstance(value, int):
-        if value == 1:
+        if value == 1 and specialise:
             return "constexpr", False
         ty = "i32" if -2 ** 31 <= value < 2 ** 31 else ("i64" if -2 ** 63 <= value < 2 ** 63 else "u64")
-        return ty, value % 16 == 0
+        return ty, specialise and value % 16 == 0
     if isinstance(value, float):
         return "fp32", False
     raise ValueError(f"unsupported runtime argument {type(value).__name__}")
 
 
-def signature_of(launch: Launch, arg_names: Sequence[str]):
+def _unspecialised(fn) -> set:
+    """Names of the kernel's ``do_not_specialize`` parameters."""
+    return {p.name for p in getattr(fn, "params", []) if getattr(p, "do_not_specialize", False)}
+
+
+def signature_of(launch: Launch, arg_names: Sequence[str], unspecialised: Iterable[str] = ()):
     """``(signature, constexprs, attrs)`` for ``ASTSource``, checking that the launch names
     exactly the kernel's parameters (``arg_names``), in order."""
+    unspecialised = set(unspecialised)
     given = list(launch.args) + list(launch.constexprs)
     if sorted(given) != sorted(arg_names) or list(launch.args) != [n for n in arg_names if n in launch.args]:
         raise ValueError(f"{launch.kernel}: the launch passes {given}, the kernel takes {list(arg_names)}")
@@ -79,7 +86,7 @@ def signature_of(launch: Launch, arg_names: Sequence[str]):
         if name in launch.constexprs:
             signature[name] = "constexpr"
             continue
-        ty, div16 = arg_specialisation(launch.args[name])
+        ty, div16 = arg_specialisation(launch.args[name], name not in unspecialised)
         signature[name] = ty
         if ty == "constexpr":
             constexprs[name] = launch.args[name]
@@ -166,7 +173,7 @@ def compile_launch(launch: Launch, cc: int, source: Optional[str] = None) -> Com
         raise RuntimeError("triton was imported with TRITON_INTERPRET=1: compile in a fresh process without it "
                            "(python -m fastbyol_kernels.aot)")
     fn = getattr(load_module(launch.module, source), launch.kernel)
-    signature, constexprs, attrs = signature_of(launch, fn.arg_names)
+    signature, constexprs, attrs = signature_of(launch, fn.arg_names, _unspecialised(fn))
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32),
                             options={"num_warps": launch.num_warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
@@ -225,24 +232,30 @@ LOSS_SHAPES = ((32, 128), (4096, 128), (256, 256), (4096, 256), (1000, 256), (32
 LOSS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def ema_launches_for(targets, onlines, momentum) -> List[Launch]:
+def ema_launches_for(targets, onlines, momentum, stochastic_rounding: bool = False) -> List[Launch]:
     """The launches :func:`~.ema.ema_update_` makes for these lists (e.g. ``meta`` tensors)."""
     from .ema import _build_plans
 
-    return [ema_launch(p.t_blocks, p.o_blocks, p.blk_len, p.t_dtype, p.o_dtype, p.aligned, p.block, momentum)
-            for p in _build_plans(list(targets), list(onlines), EMA_BLOCK, strict=True).kernel]
+    plans = _build_plans(list(targets), list(onlines), EMA_BLOCK, strict=True, use_kernel=True).kernel
+    return [ema_launch(p, momentum, stochastic_rounding, seed=12345) for p in plans]
 
 
-def ema_specialisations(momentum_dtype: torch.dtype = torch.float32) -> List[Launch]:
-    """Every EMA specialisation: each dtype pair x float or tensor momentum x aligned or not."""
+EMA_MOMENTA = (0.99, torch.float32, torch.float64)  # a float, or a 0-d tensor of either dtype
+
+
+def ema_specialisations() -> List[Launch]:
+    """Every EMA specialisation: each dtype pair x float or tensor (fp32, fp64) momentum x
+    aligned or not, and stochastic rounding for bf16 targets."""
     out = []
     for t_dtype, o_dtype in EMA_DTYPE_PAIRS:
-        for momentum in (0.99, torch.zeros((), dtype=momentum_dtype, device="meta")):
+        for m in EMA_MOMENTA:
+            momentum = m if isinstance(m, float) else torch.zeros((), dtype=m, device="meta")
             for offset in (0, 1):  # a tensor starting one element in is not 16-byte aligned
                 def pair(dtype):
                     base = torch.empty(EMA_BLOCK + 3, dtype=dtype)  # real memory: data_ptr % 16 is real
                     return base[offset:offset + EMA_BLOCK + 1]
-                out += ema_launches_for([pair(t_dtype)], [pair(o_dtype)], momentum)
+                for stochastic in ((False, True) if t_dtype == torch.bfloat16 else (False,)):
+                    out += ema_launches_for([pair(t_dtype)], [pair(o_dtype)], momentum, stochastic)
     return out
 
 
@@ -273,10 +286,10 @@ def specialisations() -> List[Launch]:
     return ema_specialisations() + loss_specialisations()
 
 
-def compile_key(launch: Launch, arg_names: Sequence[str]) -> str:
-    """What decides the compiled binary (grid and sizes not divisible by 16 aside): two
-    launches with one key run the same compiled kernel."""
-    signature, constexprs, attrs = signature_of(launch, arg_names)
+def compile_key(launch: Launch) -> str:
+    """What decides the compiled binary: two launches with one key run the same kernel."""
+    fn = getattr(load_module(launch.module, None), launch.kernel)
+    signature, constexprs, attrs = signature_of(launch, fn.arg_names, _unspecialised(fn))
     return repr((launch.module, launch.kernel, sorted(signature.items()), sorted((k, str(v)) for k, v in constexprs.items()),
                  sorted(attrs), launch.num_warps))
 
@@ -285,8 +298,7 @@ def unique(launches: Iterable[Launch]) -> List[Launch]:
     """One launch per compiled binary."""
     seen: Dict[str, Launch] = {}
     for launch in launches:
-        fn = getattr(load_module(launch.module, None), launch.kernel)
-        seen.setdefault(compile_key(launch, fn.arg_names), launch)
+        seen.setdefault(compile_key(launch), launch)
     return list(seen.values())
 
 
@@ -298,10 +310,10 @@ def selection(name: str, capabilities: Sequence[int] = CAPABILITIES) -> List[Tup
         return [(launch, cc) for launch in unique(specialisations()) for cc in capabilities]
     if name != "quick":
         raise ValueError(f"unknown selection {name!r}: full or quick")
-    ema = ema_specialisations()
+    ema = unique(ema_specialisations())
     loss = loss_specialisations([(4096, 256)], [torch.float32, torch.bfloat16]) + \
         loss_specialisations([(1000, 256)], [torch.float16])
-    variants = [ema[0], ema[2]] + loss_launches_for(4096, 256, torch.float32)[:2]
+    variants = [ema[0], next(x for x in ema if x.args["m_ptr"].dtype == torch.float64)] + loss_launches_for(4096, 256, torch.float32)[:2]
     first, rest = capabilities[0], capabilities[1:]
     return [(x, first) for x in ema + loss] + [(x, cc) for x in variants for cc in rest]
 

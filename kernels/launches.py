@@ -64,20 +64,33 @@ def _tl_dtype(dtype: torch.dtype):
 
 # ----------------------------------------------------------------------------- EMA
 
-def ema_launch(t_blocks: torch.Tensor, o_blocks: torch.Tensor, blk_len: torch.Tensor, t_dtype: torch.dtype,
-               o_dtype: torch.dtype, aligned: bool, block: int, momentum) -> Launch:
-    """The multi-tensor EMA over one block table (see :mod:`.ema`): one program per block.
+def ema_launch(plan, momentum, stochastic_rounding: bool = False, seed: int = 0) -> Launch:
+    """The multi-tensor EMA over one block table (:mod:`.ema`): one program per block.
 
-    ``momentum`` is a float or a 0-d device tensor (then read in the kernel: no host sync).
+    The specialisations are: the dtype pair (``T_DTYPE``, ``O_DTYPE``: fp32, bf16, fp16
+    each), ``M_IS_TENSOR`` (with the momentum tensor's dtype, fp32 or fp64, as a second
+    specialisation), ``ALIGNED``, ``STOCHASTIC`` (bf16 targets only) and ``BLOCK``.
+
+    Args:
+        plan: one group's block table (``t_blocks``, ``o_blocks``, ``blk_len`` on the device;
+            ``t_dtype``, ``o_dtype``, ``aligned``, ``block``).
+        momentum: a checked float (its ``1 − m`` formed here in double; both reach the kernel
+            as fp32) or 0-d tensor on the plan's device (read and combined in the kernel).
+        stochastic_rounding: round to bf16 stochastically (only bf16 targets do).
+        seed: the stochastic-rounding stream, below 2**31.
     """
     m_is_tensor = isinstance(momentum, torch.Tensor)
+    if m_is_tensor:  # the scalars are unused
+        m_ptr, m_value, w_value = momentum, 0.0, 0.0
+    else:  # the pointer is unused: any tensor will do
+        m_ptr, m_value, w_value = plan.blk_len, momentum, 1.0 - momentum
     return Launch(
-        "_triton_ema", "ema_kernel", (blk_len.numel(),),
-        dict(t_blocks=t_blocks, o_blocks=o_blocks, blk_len=blk_len,
-             m_ptr=momentum if m_is_tensor else blk_len,  # a float momentum: an unused stand-in pointer
-             m_value=0.0 if m_is_tensor else float(momentum)),
-        dict(T_DTYPE=_tl_dtype(t_dtype), O_DTYPE=_tl_dtype(o_dtype), M_IS_TENSOR=m_is_tensor, ALIGNED=aligned,
-             BLOCK=block),
+        "_triton_ema", "ema_kernel", (plan.blk_len.numel(),),
+        dict(t_blocks=plan.t_blocks, o_blocks=plan.o_blocks, blk_len=plan.blk_len, m_ptr=m_ptr, m_value=m_value,
+             w_value=w_value, seed=seed),
+        dict(T_DTYPE=_tl_dtype(plan.t_dtype), O_DTYPE=_tl_dtype(plan.o_dtype), M_IS_TENSOR=m_is_tensor,
+             ALIGNED=plan.aligned, STOCHASTIC=bool(stochastic_rounding and plan.t_dtype == torch.bfloat16),
+             BLOCK=plan.block),
         EMA_WARPS)
 
 

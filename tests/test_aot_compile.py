@@ -83,15 +83,11 @@ def _model_launches(backbone):
 
 def test_resnet_target_updates_are_aligned_and_covered():
     # What R18/R50 launch is among the specialisations compiled above: one aligned fp32 group.
-    keys = {aot.compile_key(x, _arg_names(x)) for x in _EMA}
+    keys = {aot.compile_key(x) for x in _EMA}
     for backbone in ("resnet18",):  # resnet50: the same groups (slow to build even on meta)
         launches = _model_launches(backbone)
         assert all(x.constexprs["ALIGNED"] for x in launches)
-        assert {aot.compile_key(x, _arg_names(x)) for x in launches} <= keys
-
-
-def _arg_names(launch):
-    return getattr(aot.load_module(launch.module), launch.kernel).arg_names
+        assert {aot.compile_key(x) for x in launches} <= keys
 
 
 def test_signature_follows_tritons_own_specialisation():
@@ -106,12 +102,14 @@ def test_signature_follows_tritons_own_specialisation():
     for launch in _EMA[:4] + _LOSS[:6] + aot.loss_launches_for(33, 100, torch.bfloat16):
         values.update({f"{launch.kernel}.{k}": v for k, v in launch.args.items()})
     values["unaligned"] = torch.empty(9)[1:]
+    values.update({"one": 1, "big": 2 ** 40, "float": 0.5})
     for name, v in values.items():
-        ty, div16 = aot.arg_specialisation(v)
-        want_ty, want_attr = native(BaseBackend, v, False, True, True)
-        assert ty == want_ty, name
-        if ty != "constexpr":
-            assert div16 == (want_attr == "D"), name
+        for specialise in (True, False):
+            ty, div16 = aot.arg_specialisation(v, specialise)
+            want_ty, want_attr = native(BaseBackend, v, False, specialise, specialise)
+            assert ty == want_ty, name
+            if ty != "constexpr":
+                assert div16 == (want_attr == "D"), name
 
 
 def _record_launches(monkeypatch):
@@ -142,12 +140,15 @@ def test_what_the_api_launches_is_what_is_compiled(monkeypatch):
             p1, p2, z1, z2 = (torch.randn(4, 32, dtype=dtype, requires_grad=grads[i // 2]) for i in range(4))
             byol_loss(p1, p2, z1, z2, backend="triton").backward()
             normalized_l2_loss(p1, z1, backend="triton").sum().backward()
+    n_ema = 0
     for t_dtype, o_dtype in aot.EMA_DTYPE_PAIRS:
-        for momentum in (0.9, torch.tensor(0.9)):
+        for momentum in (0.9, torch.tensor(0.9), torch.tensor(0.9, dtype=torch.float64)):
             for offset in (0, 1):
-                t, o = torch.randn(70, dtype=t_dtype)[offset:], torch.randn(70, dtype=o_dtype)[offset:]
-                ema_update_([t], [o], momentum, backend="triton")
-    assert len(seen) == 3 * 3 * 4 + 24
+                for stochastic in (False, True):
+                    t, o = torch.randn(70, dtype=t_dtype)[offset:], torch.randn(70, dtype=o_dtype)[offset:]
+                    ema_update_([t], [o], momentum, backend="triton", stochastic_rounding=stochastic, seed=3)
+                    n_ema += 1
+    assert len(seen) == 3 * 3 * 4 + n_ema
     covered = {_shape_free(x) for x in _EMA + _LOSS}
     missing = {_shape_free(x) for x in seen} - covered
     assert not missing, missing

@@ -56,7 +56,7 @@ def arg_specialisation(value, specialise: bool = True) -> Tuple[str, bool]:
     if isinstance(value, torch.Tensor):
         if value.dtype not in _TYPES:
             raise ValueError(f"no Triton pointer type for {value.dtype}")
-        return "*" + _TYPES[value.dtype], value.data_ptr() % 16 == 0
+        return "*" + _TYPES[value.dtype], specialise and value.data_ptr() % 16 == 0
     if isinstance(value, bool):
         raise ValueError("a bool runtime argument: pass it as a constexpr")
     if isinstance(value, int):

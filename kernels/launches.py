@@ -42,7 +42,7 @@ class Launch:
 
     def label(self) -> str:
         """Short human-readable name of this specialisation, e.g. for test ids."""
-        parts = [f"{k}={v}" for k, v in self.args.items() if isinstance(v, int)]
+        parts = [f"{k}={self.args[k]}" for k in ("B", "D") if k in self.args]  # the loss's sizes
         parts += [f"{k}={_short(v)}" for k, v in self.constexprs.items()]
         dtypes = sorted({str(v.dtype).replace("torch.", "") for v in self.args.values() if isinstance(v, torch.Tensor)})
         return f"{self.kernel}[{','.join(parts)}|{'/'.join(dtypes)}|w{self.num_warps}]"

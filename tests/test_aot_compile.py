@@ -72,12 +72,15 @@ def _model_launches(backbone):
 
     with torch.device("meta"):
         model = BYOL(backbone, cifar_stem=False)
-    pairs = [(t, o) for t, o in zip(model.target.parameters(), model.online.parameters())]
+    # Uninitialised CPU memory of the parameters' shapes: real, distinct addresses, built fast.
+    pairs = [(torch.empty_like(t, device="cpu"), torch.empty_like(o, device="cpu"))
+             for t, o in zip(model.target.parameters(), model.online.parameters())]
     targets, onlines = [t for t, _ in pairs], [o for _, o in pairs]
-    tau = torch.zeros((), device="meta")
-    out = aot.ema_launches_for(targets, onlines, tau) + aot.ema_launches_for(targets, onlines, 0.99)
-    for dtype in (torch.bfloat16, torch.float16):
-        out += aot.ema_launches_for(targets, [o.to(dtype) for o in onlines], tau)
+    out = aot.ema_launches_for(targets, onlines, 0.99)
+    for tau in (torch.zeros(()), torch.zeros((), dtype=torch.float64)):
+        out += aot.ema_launches_for(targets, onlines, tau)
+        for dtype in (torch.bfloat16, torch.float16):
+            out += aot.ema_launches_for(targets, [o.to(dtype) for o in onlines], tau)
     return out
 
 
@@ -106,7 +109,7 @@ def test_signature_follows_tritons_own_specialisation():
     for name, v in values.items():
         for specialise in (True, False):
             ty, div16 = aot.arg_specialisation(v, specialise)
-            want_ty, want_attr = native(BaseBackend, v, False, specialise, specialise)
+            want_ty, want_attr = native(BaseBackend, v, False, specialise, True)
             assert ty == want_ty, name
             if ty != "constexpr":
                 assert div16 == (want_attr == "D"), name
@@ -183,7 +186,7 @@ def _compile_altered(source, only):
         return _compile("--set", "quick", "--cc", str(DEFAULT_CC), "--only", only, "--replace", f"_triton_ema={path}")
 
 
-_FP32_ALIGNED = "T_DTYPE=f32,O_DTYPE=f32,M_IS_TENSOR=True,ALIGNED=True"
+_FP32_ALIGNED = "T_DTYPE=f32,O_DTYPE=f32,M_IS_TENSOR=True,ALIGNED=True,STOCHASTIC=False,BLOCK=4096|float32/"
 
 
 def test_a_kernel_only_the_interpreter_accepts_fails_the_check():

@@ -168,19 +168,22 @@ def test_sync_bn_converts_online_and_target_on_cuda_only(caplog):
 
 class _FakeScaler:
     def __init__(self):
-        self.scale = 65536.0
+        self.scale, self.reads = 65536.0, 0
 
     def get_scale(self):
+        self.reads += 1
         return self.scale
 
 
 class _FakeDeepSpeed:
     """Just the DeepSpeed engine calls the adapter's step() makes."""
 
-    def __init__(self, accum, overflow=(), zero_skip=()):
+    def __init__(self, accum, overflow=(), zero_skip=(), optimizer=None):
         self.accum, self.overflow, self.zero_skip = accum, set(overflow), set(zero_skip)
         self.micro, self.applied = 0, False
         self.torch_autocast_z0_gradscaler = _FakeScaler() if overflow else None
+        if optimizer is not None:  # a real torch optimizer, stepped unless the scaler skips
+            self.optimizer = optimizer
 
     def is_gradient_accumulation_boundary(self):
         return (self.micro + 1) % self.accum == 0
@@ -192,20 +195,25 @@ class _FakeDeepSpeed:
             self.torch_autocast_z0_gradscaler.scale /= 2  # GradScaler backs off; DeepSpeed still says applied
         elif boundary and self.micro == 5 and self.torch_autocast_z0_gradscaler is not None:
             self.torch_autocast_z0_gradscaler.scale *= 2  # growth after good steps: applied
+        if boundary and self.micro not in self.overflow and hasattr(self, "optimizer"):
+            self.optimizer.step()
         self.micro += 1
 
     def was_step_applied(self):
         return self.applied
 
 
-@pytest.mark.parametrize("kind", ["fp16", "zero"])
+@pytest.mark.parametrize("kind", ["fp16", "fp16-hooked", "zero"])
 def test_step_is_true_only_at_applied_boundaries(kind):
     from fastbyol.deepspeed_engine import DeepSpeedEngine
     from fastbyol.trainer import DistInfo
 
-    fake = _FakeDeepSpeed(2, overflow=(3,)) if kind == "fp16" else _FakeDeepSpeed(2, zero_skip=(3,))
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1) if kind == "fp16-hooked" else None
+    fake = _FakeDeepSpeed(2, overflow=(3,), optimizer=opt) if kind.startswith("fp16") else _FakeDeepSpeed(2, zero_skip=(3,))
     eng = DeepSpeedEngine(fake, None, torch.device("cpu"), "fp16", DistInfo(), False)
     assert [eng.step() for _ in range(8)] == [False, True, False, False, False, True, False, True]
+    if kind == "fp16-hooked":  # told by the optimizer's post-step hook: the scale is never read
+        assert fake.torch_autocast_z0_gradscaler.reads == 0
 
 
 def test_resuming_a_single_process_checkpoint_is_refused(tmp_path):

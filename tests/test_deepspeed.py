@@ -308,6 +308,19 @@ def test_two_ranks_with_accumulation_match_one_process_and_each_other(data_dir, 
     _assert_same(ck["online"], r0["online_state"], rtol=0, atol=0)
 
 
+def test_fused_kernels_bf16_two_ranks_train_without_host_syncs(data_dir, tmp_path):
+    """The fused loss and EMA (interpreted) inside 2-process DeepSpeed, bf16 autocast, LARS,
+    accumulation 2: trains, ranks agree, and no micro-batch after the first two syncs."""
+    args = smoke(data_dir, tmp_path / "run", "--max-steps", "3", "--dist.grad_accum", "2", "--precision", "bf16")
+    args[args.index("--train.kernels") + 1] = "triton"
+    _launch(torchrun(WORKER, str(tmp_path), "--record-syncs", *args))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["applied"] == [False, True] * 3 and r0["steps"] == 3
+    _assert_same(r0["target_state"], r1["target_state"], rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(r0["final_target"], r0["initial_target"]))
+    assert len(r0["syncs"]) == 4 and r0["syncs"] == r1["syncs"] == [[]] * 4, r0["syncs"]
+
+
 def test_fp16_overflow_skips_the_step_on_every_rank(data_dir, tmp_path):
     """Rank 0's gradient overflows at the first micro-batch; after the all-reduce both ranks skip:
     no weight update, no target update, no schedule advance; the next steps apply."""

@@ -85,3 +85,27 @@ def test_normalize_builds_its_constants_once():
     assert [s.what for s in first] == ["torch.tensor"] * 2 and syncs == []  # built once, then cached
     mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
     torch.testing.assert_close(y, (x - mean) / std)
+
+
+def test_generated_deepspeed_config_turns_the_synchronising_timer_off():
+    pytest.importorskip("deepspeed")
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.config import get_timers_config
+    from deepspeed.utils.timer import ThroughputTimer
+
+    from fastbyol.deepspeed_engine import generated_config
+
+    def syncs_of(ds_config):
+        timer = ThroughputTimer(get_timers_config(ds_config), batch_size=4, start_step=0)
+        with record_host_syncs() as syncs:
+            for _ in range(2):
+                timer.start()
+                timer.stop(global_step=True)
+        return [s.what for s in syncs]
+
+    assert len(syncs_of({})) == 4  # DeepSpeed's default: a device synchronize at start and stop
+    cfg = preset("smoke")
+    assert syncs_of(generated_config(cfg, 2)) == []
+    assert generated_config(cfg, 2)["flops_profiler"] == {"enabled": False}

@@ -18,6 +18,9 @@ EXTRAS = {
     "dali-cuda120": ["nvidia-dali-cuda120"],
     "deepspeed": ["deepspeed==0.19.8"],
     "bench": ["lightly==1.6.0", "byol-pytorch==0.9.1"],
+    # The EMA drop-in tests compare against these; torch-dependent, so installed with
+    # --no-deps (.ci/run does): at import they need only tqdm besides torch/torchvision/numpy.
+    "peers": ["timm==1.0.31", "lightly==1.6.0", "tqdm"],
 }
 EXTRAS["all"] = sorted({d for k in ("test", "dali", "deepspeed") for d in EXTRAS[k]})
 

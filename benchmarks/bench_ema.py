@@ -5,6 +5,9 @@ GPU: ResNet-50 + BYOL projector (~33 M parameters in ~165 tensors), fp32.
   (b) two-pass foreach     — lightly: ``_foreach_mul_`` then ``_foreach_add_``
   (c) ``_foreach_lerp_``   — timm's ModelEmaV3
   (d) fastbyol             — ``fastbyol_kernels.ema_update_`` (one launch)
+  (e)-(h) whole-module EMAs — ``AveragedModel`` with torch's / fastbyol's ``get_ema_multi_avg_fn``,
+                             timm's / fastbyol's ``ModelEmaV3`` (parameters and buffers; timm if installed)
+  auto                     — ``ema_update_(backend="auto")``: what users get (the reference on CPU)
   floor                    — 12 bytes/parameter ÷ device copy bandwidth measured in this run
 CPU (``--cpu`` or no CUDA): a small MLP, so CI can smoke-test the script; the Triton row runs
 only under TRITON_INTERPRET=1 (and then measures the interpreter, not a kernel).
@@ -39,6 +42,31 @@ def resnet50_byol_target(device):
 def small_mlp(device):
     """A few-tensor stand-in for CPU smoke runs."""
     return nn.Sequential(nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 32)).to(device)
+
+
+def whole_module_emas(target, online, m):
+    """{row: (one update of a copy of ``target`` toward ``online``, that copy's parameters)}."""
+    import fastbyol_kernels as fk
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    rows = {}
+    for label, make_fn in (("torch", get_ema_multi_avg_fn), ("fastbyol", fk.get_ema_multi_avg_fn)):
+        avg = AveragedModel(target, multi_avg_fn=make_fn(m))
+        avg.n_averaged.fill_(1)  # past AveragedModel's first (copying) update
+        rows[f"AveragedModel + {label} get_ema_multi_avg_fn"] = (lambda avg=avg: avg.update_parameters(online),
+                                                                 list(avg.module.parameters()))
+    classes = [("fastbyol", fk.ModelEmaV3)]
+    try:
+        from timm.utils.model_ema import ModelEmaV3
+
+        classes.insert(0, ("timm", ModelEmaV3))
+    except ImportError:
+        pass
+    for label, cls in classes:
+        ema = cls(target, decay=m)
+        rows[f"{label} ModelEmaV3 (params + BN buffers)"] = (lambda ema=ema: ema.update(online),
+                                                            list(ema.module.parameters()))
+    return rows
 
 
 def main(argv=None):
@@ -76,6 +104,7 @@ def main(argv=None):
             notes.append("the Triton row runs under TRITON_INTERPRET=1: it times the interpreter, not a kernel")
     else:
         notes.append("Triton row skipped: no CUDA device and TRITON_INTERPRET is not 1")
+    modes["fastbyol ema_update_ (auto)"] = lambda ts: ema_update_(ts, os_, m)
     ours_name = next((n for n in modes if "fastbyol" in n), None)
 
     # Equal maths: one update of each from the same target, compared with ours (or lerp).
@@ -85,6 +114,10 @@ def main(argv=None):
         fn(copies)
         first[name] = copies
     check = first[ours_name or "(c) foreach lerp (timm ModelEmaV3)"]
+    for name, (fn, params) in whole_module_emas(target, online, m).items():
+        fn()  # one update from the target's state, as above
+        first[name] = [p.detach().clone() for p in params]
+        modes[name] = lambda ts, fn=fn: fn()
 
     bw = copy_bandwidth(device, nbytes=(1 << 30) if gpu else (1 << 24))
     floor = 12 * n_params / bw

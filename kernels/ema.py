@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._backend import BACKENDS, use_triton
+from ._backend import BACKENDS, interpreting, use_triton
 from .launches import EMA_BLOCK, ema_launch
 
 Momentum = Union[float, torch.Tensor]
@@ -41,6 +41,8 @@ def _check_momentum(momentum: Momentum, device: torch.device) -> Momentum:
     not read on the host (that would sync every step): the kernel, and the reference, leave
     the targets untouched when it is outside [0, 1] or NaN.
     """
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:  # the common case, first
+        return momentum
     if isinstance(momentum, torch.Tensor):
         if momentum.numel() != 1 or not momentum.is_floating_point():
             raise ValueError(f"ema_update_: momentum must be a float or a 1-element floating tensor, got "
@@ -97,8 +99,13 @@ def _reference_(targets, onlines, momentum: Momentum, groups, stochastic: bool, 
         m64 = torch.where((m64 >= 0) & (m64 <= 1), m64, torch.ones_like(m64))
         w64 = 1 - m64
     for g, ((tdt, odt), idx) in enumerate(groups.items()):
-        ts, os_ = [targets[i] for i in idx], [onlines[i] for i in idx]
+        whole = len(groups) == 1
+        ts, os_ = (targets, onlines) if whole else ([targets[i] for i in idx], [onlines[i] for i in idx])
         sr = stochastic and tdt == torch.bfloat16
+        if tdt == odt and not sr and not isinstance(momentum, torch.Tensor):
+            # One pass (timm's ModelEmaV3, AveragedModel); low-precision lerp computes in fp32.
+            torch._foreach_lerp_(ts, os_, 1.0 - momentum)
+            continue
         # fp32 maths (fp64 when a side is fp64), rounded once to the target's dtype.
         cdt = torch.promote_types(torch.promote_types(tdt, odt), torch.float32)
         in_place = tdt == cdt or (tdt == odt and not sr and not isinstance(momentum, torch.Tensor))
@@ -108,7 +115,6 @@ def _reference_(targets, onlines, momentum: Momentum, groups, stochastic: bool, 
             torch._foreach_mul_(xs, m64.to(cdt))
             torch._foreach_add_(xs, torch._foreach_mul(ys, w64.to(cdt)))
         else:
-            # One pass (timm's ModelEmaV3, AveragedModel); low-precision lerp computes in fp32.
             torch._foreach_lerp_(xs, ys, 1.0 - momentum)
         if sr:
             gen = torch.Generator(device=xs[0].device).manual_seed(_group_seed(seed, g))
@@ -232,8 +238,15 @@ def plan_key(targets, onlines) -> tuple:
             tuple(map(_dtype, targets)), tuple(map(_dtype, onlines)))
 
 
+def _reference_key(targets, onlines) -> tuple:
+    """The reference pairs tensors as they are at each call, so its cache holds only the checks
+    and dtype groups: keyed on the tensor objects and dtypes (a tensor re-shaped in place
+    later meets torch's own error). Cheaper than :func:`plan_key`, for CPU training loops."""
+    return tuple(map(id, targets)), tuple(map(id, onlines)), tuple(map(_dtype, targets)), tuple(map(_dtype, onlines))
+
+
 def _cached_plans(targets, onlines, block: int, strict: bool, use_kernel: bool) -> _Plans:
-    key = (block, strict, use_kernel, plan_key(targets, onlines))
+    key = (block, strict, plan_key(targets, onlines)) if use_kernel else _reference_key(targets, onlines)
     plans = _plans.get(key)
     if plans is None:
         plans = _build_plans(targets, onlines, block, strict, use_kernel)
@@ -272,7 +285,6 @@ def _validate(targets, onlines) -> None:
                              f"the target must be a copy (e.g. copy.deepcopy of the online module)")
 
 
-@torch.no_grad()
 def ema_update_(targets: Sequence[torch.Tensor], onlines: Sequence[torch.Tensor], momentum: Momentum, *,
                 backend: str = "auto", stochastic_rounding: bool = False, seed: int = 0) -> None:
     """In place, for every pair: ``target ← m·target + (1 − m)·online``.
@@ -314,6 +326,10 @@ def ema_update_(targets: Sequence[torch.Tensor], onlines: Sequence[torch.Tensor]
         >>> torch.equal(target.weight, online.weight)
         True
     """
+    if torch.is_grad_enabled():  # callers in no_grad (ModuleEMA, the drop-ins) skip its ~2 µs
+        with torch.no_grad():
+            return ema_update_(targets, onlines, momentum, backend=backend,
+                               stochastic_rounding=stochastic_rounding, seed=seed)
     targets = targets if isinstance(targets, (list, tuple)) else list(targets)
     onlines = onlines if isinstance(onlines, (list, tuple)) else list(onlines)
     if len(targets) != len(onlines):
@@ -324,6 +340,9 @@ def ema_update_(targets: Sequence[torch.Tensor], onlines: Sequence[torch.Tensor]
         return
     momentum = _check_momentum(momentum, targets[0].device)
     # The backend follows tensor 0's device; a plan is built only after every tensor is checked.
-    use_kernel = use_triton(backend, targets[:1])
+    # (CPU tensors without the interpreter take the reference: decided without use_triton's
+    # device set, a measurable share of a small model's update on CPU.)
+    use_kernel = (False if backend == "auto" and not targets[0].is_cuda and not interpreting()
+                  else use_triton(backend, targets[:1]))
     _ema_(targets, onlines, momentum, use_kernel, strict=backend == "triton",
           stochastic_rounding=stochastic_rounding, seed=seed)

@@ -87,6 +87,31 @@ def check_ema(n: int, t_dtype: torch.dtype, o_dtype: torch.dtype, device: str, s
     assert all(torch.equal(t, o.to(t_dtype)) for t, o in zip(ts, os_))
 
 
+def check_ema_exact_weight(device: str) -> None:
+    """From 0 toward 1 the result is the weight itself: fp32(1 − m), 1 − m formed in double
+    (float momentum) or fp64 (device tensor), also where fp32 1 − m would be quantised."""
+    for m in (0.3, 0.996, 0.9999, 1 - 3e-8):
+        want = torch.tensor(1 - m, dtype=torch.float64).float().item()
+        for mm in (m, torch.tensor(m, dtype=torch.float64, device=device)):
+            t = torch.zeros(9000, device=device)
+            ema_update_([t], [torch.ones(9000, device=device)], mm, backend="triton")
+            assert torch.all(t == want), f"m={m} ({type(mm).__name__}): weight {t[0].item()!r}, want {want!r}"
+
+
+def check_ema_stochastic(device: str) -> None:
+    """bf16 stochastic rounding: only the two neighbours, unbiased, seeded."""
+    n = 1 << 16
+    t = torch.ones(n, dtype=torch.bfloat16, device=device)
+    o = torch.full((n,), 1.05, dtype=torch.bfloat16, device=device)
+    a, b = t.clone(), t.clone()
+    ema_update_([a], [o], 0.999, backend="triton", stochastic_rounding=True, seed=7)
+    ema_update_([b], [o], 0.999, backend="triton", stochastic_rounding=True, seed=7)
+    assert torch.equal(a, b)
+    exact = 0.999 + 0.001 * o[0].double().item()
+    assert set(a.double().unique().tolist()) <= {1.0, 1.0 + 2 ** -7}
+    assert abs(a.double().mean().item() - exact) < 3e-5, a.double().mean().item()
+
+
 def cases(device: str, quick: bool) -> List[Tuple[str, Callable[[], None]]]:
     loss_sizes = [(1, 7), (3, 1000)] + ([] if quick else [(257, 256), (3, 1), (2, 8192), (4096, 256), (1000, 4097)])
     out = []
@@ -103,6 +128,8 @@ def cases(device: str, quick: bool) -> List[Tuple[str, Callable[[], None]]]:
             for tm in (False, True):
                 out.append((f"ema_update_ {str(t_dtype)[6:]}<-{str(o_dtype)[6:]} n={n} tensor_m={tm}",
                             lambda n=n, t=t_dtype, o=o_dtype, tm=tm: check_ema(n, t, o, device, seed=n, tensor_momentum=tm)))
+    out.append(("ema_update_ exact 1 - m (float, fp64 tensor)", lambda: check_ema_exact_weight(device)))
+    out.append(("ema_update_ bf16 stochastic rounding", lambda: check_ema_stochastic(device)))
     return out
 
 

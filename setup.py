@@ -7,6 +7,9 @@ from setuptools import find_packages, setup
 
 # Pinned: everything built against torch must match the torch build exactly,
 # or pip silently upgrades torch (see DEVELOPERS.md).
+# Supported range (README, "GPU readiness"): torch >= 2.11, <= 2.13 and triton >= 3.6, <= 3.7
+# (triton comes with torch's CUDA build). CI installs and tests the pin below; triton 3.6
+# was checked once beside it (the AOT compile check and the kernel tests).
 TORCH = ["torch==2.13.0,!=2.13.0+cpu", "torchvision==0.28.0"]
 
 EXTRAS = {

@@ -328,10 +328,23 @@ def photometric_view(x: torch.Tensor, view: ViewConfig, cfg: AugmentConfig, d: V
     return x.to(out_dtype)
 
 
+_CHANNEL_CONSTANTS: dict = {}
+
+
+def _channel_constants(cfg: AugmentConfig, device: torch.device, dtype: torch.dtype):
+    """``(mean, std)`` as ``[1, 3, 1, 1]`` tensors, built once per (values, device, dtype): a
+    tensor from Python lists is a blocking host→device copy on a GPU, twice a view per step."""
+    key = (tuple(cfg.mean), tuple(cfg.std), device, dtype)
+    pair = _CHANNEL_CONSTANTS.get(key)
+    if pair is None:
+        pair = tuple(torch.tensor(v, device=device, dtype=dtype).view(1, 3, 1, 1) for v in key[:2])
+        _CHANNEL_CONSTANTS[key] = pair
+    return pair
+
+
 def normalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
     """``(x - mean) / std`` per channel, for float images in [0, 1]."""
-    mean = torch.tensor(cfg.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean, std = _channel_constants(cfg, x.device, x.dtype)
     return (x - mean) / std
 
 
@@ -347,8 +360,7 @@ def augment_pair(crops: torch.Tensor, cfg: AugmentConfig, draws: Tuple[ViewDraws
 
 def unnormalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
     """Inverse of :func:`normalize` (tests, previews)."""
-    mean = torch.tensor(cfg.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean, std = _channel_constants(cfg, x.device, x.dtype)
     return x * std + mean
 
 

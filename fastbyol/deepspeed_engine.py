@@ -61,7 +61,7 @@ from .checkpoint import atomic_save, fsync_dir, load_checkpoint, safe_load, writ
 from .config import Config
 from .distributed import (average_buffers, backend_for, barrier, broadcast_module_state, close_process_group,
                           convert_sync_batchnorm, ensure_env)
-from .engine import autocast_context
+from .engine import StepSeen, autocast_context
 from .errors import FastByolError
 from .optim import build_optimizer
 from .schedules import scaled_lr
@@ -105,7 +105,11 @@ def _finish(ds: Dict[str, Any], cfg: Config, source: str) -> Dict[str, Any]:
     if stage > 0:
         ds.setdefault("zero_allow_untested_optimizer", True)  # a client optimizer, checked above
     ds.setdefault("gradient_clipping", 0.0)
+    # DeepSpeed's throughput timer is on by default and synchronises the device at the start
+    # and end of every micro-batch (3 syncs each); fastbyol times its steps itself.
     ds.setdefault("wall_clock_breakdown", False)
+    ds.setdefault("timers", {"throughput": {"enabled": False, "synchronized": False}})
+    ds.setdefault("flops_profiler", {"enabled": False})
     return ds
 
 
@@ -194,6 +198,8 @@ class DeepSpeedEngine:
         self.ds, self.model, self.device, self.precision = ds, model, device, precision
         self.dist, self.sync_bn = dist, sync_bn
         self.module = ds  # calling the engine runs DeepSpeed's forward hooks (and its autocast)
+        opt = getattr(ds, "optimizer", None)
+        self._stepped = StepSeen(opt) if isinstance(opt, torch.optim.Optimizer) and self.scaler is not None else None
 
     @property
     def scaler(self) -> Optional[torch.amp.GradScaler]:
@@ -213,14 +219,21 @@ class DeepSpeedEngine:
     def step(self) -> bool:
         boundary = self.ds.is_gradient_accumulation_boundary()
         scaler = self.scaler
-        # The scaler reads found-inf back to the host in its step anyway; reading the scale
-        # costs nothing more. bf16/fp32 runs read nothing.
-        scale = scaler.get_scale() if boundary and scaler is not None else None
+        # fp16: the scaler reads found-inf on the host in its step (torch's one sync per
+        # step) and skips optimizer.step() on overflow; a post-step hook tells which, with no
+        # further read. Without a hookable optimizer, a lowered scale means skipped (two more
+        # reads). bf16/fp32 runs read nothing.
+        hooked = self._stepped is not None
+        scale = scaler.get_scale() if boundary and scaler is not None and not hooked else None
+        if hooked:
+            self._stepped.clear()
         self.ds.step()
         if not boundary:
             return False
-        applied = bool(self.ds.was_step_applied())  # ZeRO's own overflow check
-        if scale is not None:
+        applied = bool(self.ds.was_step_applied())  # ZeRO's own overflow check (a Python flag)
+        if hooked:
+            applied = applied and self._stepped.seen
+        elif scale is not None:
             applied = applied and scaler.get_scale() >= scale  # a lowered scale means skipped
         return applied
 

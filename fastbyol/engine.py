@@ -34,6 +34,21 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
+class StepSeen:
+    """Whether ``optimizer.step()`` ran since :meth:`clear` (a post-step hook: no device read).
+    GradScaler skips the optimizer's step on overflow, so this tells a skipped fp16 step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.seen = False
+        optimizer.register_step_post_hook(self._hook)
+
+    def _hook(self, optimizer, args, kwargs) -> None:
+        self.seen = True
+
+    def clear(self) -> None:
+        self.seen = False
+
+
 class LocalEngine:
     """One process: autocast forward, GradScaler for fp16, accumulation over micro-batches."""
 
@@ -44,6 +59,7 @@ class LocalEngine:
         self.module = torch.compile(online) if compile else online
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self._micro = 0
+        self._stepped = StepSeen(optimizer)
 
     def autocast(self):
         return autocast_context(self.device, self.precision)
@@ -60,12 +76,13 @@ class LocalEngine:
             self.optimizer.step()
             applied = True
         else:
-            # The scaler reads found-inf back to the host anyway; a lowered scale means the
-            # step was skipped, and then neither the target nor the schedules may move.
-            scale = self.scaler.get_scale()
+            # GradScaler.step reads found-inf on the host (torch's one sync per fp16 step) and
+            # calls optimizer.step() only without overflow: whether it did is the answer, no
+            # further read (reading the scale before and after cost two more full drains).
+            self._stepped.clear()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            applied = self.scaler.get_scale() >= scale
+            applied = self._stepped.seen
         self.optimizer.zero_grad(set_to_none=True)
         return applied
 

@@ -24,10 +24,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._backend import BACKENDS, interpreting, use_triton
+from .launches import EMA_BLOCK, ema_launch
 
 Momentum = Union[float, torch.Tensor]
-BLOCK = 4096  # elements per program: 16 fp32 per thread at 8 warps, 4 vector loads each side
-NUM_WARPS = 8
+BLOCK = EMA_BLOCK  # elements per program (launches.py: with the warps, and every launch)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_PLANS = 64  # distinct parameter lists cached; more than any real training script uses
 
@@ -140,12 +140,6 @@ def _dtype_groups(targets, onlines) -> Dict[Tuple[torch.dtype, torch.dtype], Lis
 
 # ----------------------------------------------------------------------------- Triton
 
-def _tl_dtypes():
-    import triton.language as tl
-
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
 def _get_kernel():
     from ._triton_ema import ema_kernel  # triton is imported only here
 
@@ -180,35 +174,6 @@ class _Plan:
         self.blk_len = torch.tensor(lens, dtype=torch.int32, device=dev)
         self.n_blocks = len(lens)
         self.t_dtype, self.o_dtype, self.aligned, self.block = ts[0].dtype, os_[0].dtype, aligned, block
-
-
-def ema_launch(plan: _Plan, momentum: Momentum, stochastic_rounding: bool = False, seed: int = 0):
-    """Everything one kernel launch takes, built in this one place: ``(grid, args, meta)``,
-    launched as ``ema_kernel[grid](*args, **meta)``.
-
-    The specialisations are: the dtype pair (``T_DTYPE``, ``O_DTYPE``: fp32, bf16, fp16
-    each), ``M_IS_TENSOR`` (with the momentum tensor's dtype, fp32 or fp64, as a second
-    specialisation), ``ALIGNED``, ``STOCHASTIC`` (bf16 targets only) and ``BLOCK``.
-
-    Args:
-        plan: one group's block table.
-        momentum: a checked float (its ``1 − m`` formed here in double; both reach the kernel
-            as fp32) or 0-d tensor on the plan's device (read and combined in the kernel).
-        stochastic_rounding: round to bf16 stochastically (only bf16 targets do).
-        seed: the stochastic-rounding stream, below 2**31.
-    """
-    m_is_tensor = isinstance(momentum, torch.Tensor)
-    if m_is_tensor:  # the scalars are unused
-        m_ptr, m_value, w_value = momentum, 0.0, 0.0
-    else:  # the pointer is unused: any tensor will do
-        m_ptr, m_value, w_value = plan.blk_len, momentum, 1.0 - momentum
-    tl_dtypes = _tl_dtypes()
-    grid = (plan.n_blocks,)
-    args = (plan.t_blocks, plan.o_blocks, plan.blk_len, m_ptr, m_value, w_value, seed)
-    meta = dict(T_DTYPE=tl_dtypes[plan.t_dtype], O_DTYPE=tl_dtypes[plan.o_dtype], M_IS_TENSOR=m_is_tensor,
-                ALIGNED=plan.aligned, STOCHASTIC=bool(stochastic_rounding and plan.t_dtype == torch.bfloat16),
-                BLOCK=plan.block, num_warps=NUM_WARPS)
-    return grid, args, meta
 
 
 def _same_layout(t: torch.Tensor, o: torch.Tensor) -> bool:
@@ -297,8 +262,7 @@ def _ema_(targets, onlines, momentum: Momentum, use_kernel: bool, strict: bool =
     if plans.kernel:
         kernel = _get_kernel()
         for g, plan in enumerate(plans.kernel):
-            grid, args, meta = ema_launch(plan, momentum, stochastic_rounding, _group_seed(seed, g))
-            kernel[grid](*args, **meta)
+            ema_launch(plan, momentum, stochastic_rounding, _group_seed(seed, g)).run(kernel)
     if plans.rest:
         _reference_([targets[i] for i in plans.rest], [onlines[i] for i in plans.rest], momentum,
                     plans.rest_groups, stochastic_rounding, seed)

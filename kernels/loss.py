@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import use_triton
-
-EPS = 1e-12
+from .launches import LOSS_EPS as EPS, grads_of, loss_bwd_launch, loss_fwd_launch
 
 
 # ----------------------------------------------------------------------------- reference
@@ -46,16 +45,6 @@ def byol_loss_reference(p1, p2, z1, z2) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- Triton
 
-def _blocks(B: int, D: int):
-    """Tile sizes by heuristic (``@triton.autotune`` with several configs fails under the
-    interpreter): a power-of-two slab of the feature dimension (at most 1024, looped over for
-    larger D) and enough rows for ~2K elements a tile, which keeps 16 fp32 values per thread
-    and input at 4 warps and gives B = 4096, D = 256 512 programs to spread over the SMs."""
-    block_d = min(1024, max(16, 1 << (D - 1).bit_length()))
-    block_b = max(1, min(64, 2048 // block_d, 1 << (B - 1).bit_length()))
-    return block_b, block_d, (4 if block_b * block_d <= 2048 else 8)
-
-
 def _check(*ts: torch.Tensor) -> None:
     shape = ts[0].shape
     for t in ts:
@@ -80,49 +69,17 @@ def _run_kernel(backend: str, ts) -> bool:
 
 
 def _launch_fwd(p, z, q, y, two_pairs: bool):
-    from ._triton_loss import loss_fwd  # triton is imported only here
-
-    B, D = p.shape
-    block_b, block_d, warps = _blocks(B, D)
-    stats = torch.empty(B, 6, device=p.device, dtype=torch.float32)
-    # Two pairs: the batch mean, accumulated atomically (hence zeroed: a memset, not a kernel
-    # of ours). One pair: the per-row losses. The unused output gets a stand-in never written.
-    if two_pairs:
-        total = torch.zeros((), device=p.device, dtype=torch.float32)
-        row_loss = stats
-    else:
-        row_loss = torch.empty(B, device=p.device, dtype=torch.float32)
-        total = row_loss
-    loss_fwd[(_cdiv(B, block_b),)](
-        p, z, q, y, stats, row_loss, total, B, D, p.stride(0), p.stride(1), z.stride(0), z.stride(1),
-        q.stride(0), q.stride(1), y.stride(0), y.stride(1), EPS, 1.0 / B,
-        TWO_PAIRS=two_pairs, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps)
-    return (total if two_pairs else row_loss), stats
+    launch = loss_fwd_launch(p, z, q, y, two_pairs)
+    launch.run()
+    out = launch.args["total_ptr"] if two_pairs else launch.args["row_loss_ptr"]
+    return out, launch.args["stats_ptr"]
 
 
 def _launch_bwd(p, z, q, y, stats, grad, need_p: bool, need_z: bool, two_pairs: bool):
     """Returns the gradients of p, z, q, y (None where not needed)."""
-    from ._triton_loss import loss_bwd
-
-    B, D = p.shape
-    block_b, block_d, warps = _blocks(B, D)
-
-    def new_grad(x, need):
-        return torch.empty(B, D, device=x.device, dtype=x.dtype) if need else None
-
-    gp, gz = new_grad(p, need_p), new_grad(z, need_z)
-    gq, gy = (new_grad(q, need_p), new_grad(y, need_z)) if two_pairs else (None, None)
-    dummy = stats  # stands in for a gradient that is not needed: never written
-    loss_bwd[(_cdiv(B, block_b),)](
-        p, z, q, y, stats, grad, *(x if x is not None else dummy for x in (gp, gz, gq, gy)), B, D,
-        p.stride(0), p.stride(1), z.stride(0), z.stride(1), q.stride(0), q.stride(1), y.stride(0), y.stride(1),
-        0 if two_pairs else grad.stride(0), EPS, 1.0 / B, TWO_PAIRS=two_pairs, NEED_P=need_p, NEED_Z=need_z,
-        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps)
-    return gp, gz, gq, gy
-
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
+    launch = loss_bwd_launch(p, z, q, y, stats, grad, need_p, need_z, two_pairs)
+    launch.run()
+    return grads_of(launch)
 
 
 def _only_needed(grads, needs):

@@ -13,6 +13,10 @@ weights must agree up to summation order.
 ``--overflow-at K``: rank 0 makes one gradient infinite in its K-th micro-batch (0-based), the
 way an fp16 overflow looks after the all-reduce on every rank.
 
+``--record-syncs``: record the host syncs (:mod:`fastbyol.host_sync`) of every
+``train_micro_batch`` call after the first two (warm-up: caches, DeepSpeed's first step) into
+``record["syncs"]``, one list of strings per call.
+
 Writes ``OUT/rank{r}.pt``: final online/target state_dicts, and per ``engine.step()`` call its
 result, the trainer's step and lr before it, and (first calls) online/target parameter copies.
 """
@@ -88,7 +92,25 @@ def instrument(trainer, snapshots: int = 4, overflow_at: int = -1, rank: int = 0
     return record
 
 
-def train_on_fixed_chunks(cfg, dist, engine: str = "deepspeed", overflow_at: int = -1) -> Dict:
+def record_syncs(trainer, record: Dict, warmup: int = 2) -> None:
+    from fastbyol.host_sync import record_host_syncs
+
+    inner, record["syncs"], calls = trainer.train_micro_batch, [], [0]
+
+    def train_micro_batch(batch):
+        calls[0] += 1
+        if calls[0] <= warmup:
+            return inner(batch)
+        with record_host_syncs() as syncs:
+            result = inner(batch)
+        record["syncs"].append([str(s) for s in syncs])
+        return result
+
+    trainer.train_micro_batch = train_micro_batch
+
+
+def train_on_fixed_chunks(cfg, dist, engine: str = "deepspeed", overflow_at: int = -1,
+                          syncs: bool = False) -> Dict:
     """Build the trainer (DeepSpeed or local), swap in FixedChunks, fit, return the record."""
     from fastbyol.trainer import Trainer
 
@@ -101,6 +123,8 @@ def train_on_fixed_chunks(cfg, dist, engine: str = "deepspeed", overflow_at: int
     trainer.loader = FixedChunks(len(trainer.loader), trainer.micro_batch, cfg.augment.image_size, dist.rank,
                                  dist.world_size, cfg.dist.grad_accum, trainer.device)
     record = instrument(trainer, overflow_at=overflow_at, rank=dist.rank)
+    if syncs:
+        record_syncs(trainer, record)
     summary = trainer.fit()
     record.update(steps=trainer.step, summary=summary,
                   online_state={k: v.detach().clone() for k, v in trainer.model.online.state_dict().items()},
@@ -119,12 +143,15 @@ def main(argv) -> None:
         i = args.index("--overflow-at")
         overflow_at = int(args[i + 1])
         del args[i:i + 2]
+    syncs = "--record-syncs" in args
+    if syncs:
+        args.remove("--record-syncs")
     from fastbyol.cli import build_parser, resolve_config
     from fastbyol.launch import dist_info_from_env
 
     cfg = resolve_config(build_parser().parse_args(["train", *args]))
     dist = dist_info_from_env()
-    record = train_on_fixed_chunks(cfg, dist, "deepspeed", overflow_at)
+    record = train_on_fixed_chunks(cfg, dist, "deepspeed", overflow_at, syncs)
     torch.save(record, os.path.join(out, f"rank{dist.rank}.pt"))
     import torch.distributed as tdist
 

@@ -168,19 +168,22 @@ def test_sync_bn_converts_online_and_target_on_cuda_only(caplog):
 
 class _FakeScaler:
     def __init__(self):
-        self.scale = 65536.0
+        self.scale, self.reads = 65536.0, 0
 
     def get_scale(self):
+        self.reads += 1
         return self.scale
 
 
 class _FakeDeepSpeed:
     """Just the DeepSpeed engine calls the adapter's step() makes."""
 
-    def __init__(self, accum, overflow=(), zero_skip=()):
+    def __init__(self, accum, overflow=(), zero_skip=(), optimizer=None):
         self.accum, self.overflow, self.zero_skip = accum, set(overflow), set(zero_skip)
         self.micro, self.applied = 0, False
         self.torch_autocast_z0_gradscaler = _FakeScaler() if overflow else None
+        if optimizer is not None:  # a real torch optimizer, stepped unless the scaler skips
+            self.optimizer = optimizer
 
     def is_gradient_accumulation_boundary(self):
         return (self.micro + 1) % self.accum == 0
@@ -192,20 +195,25 @@ class _FakeDeepSpeed:
             self.torch_autocast_z0_gradscaler.scale /= 2  # GradScaler backs off; DeepSpeed still says applied
         elif boundary and self.micro == 5 and self.torch_autocast_z0_gradscaler is not None:
             self.torch_autocast_z0_gradscaler.scale *= 2  # growth after good steps: applied
+        if boundary and self.micro not in self.overflow and hasattr(self, "optimizer"):
+            self.optimizer.step()
         self.micro += 1
 
     def was_step_applied(self):
         return self.applied
 
 
-@pytest.mark.parametrize("kind", ["fp16", "zero"])
+@pytest.mark.parametrize("kind", ["fp16", "fp16-hooked", "zero"])
 def test_step_is_true_only_at_applied_boundaries(kind):
     from fastbyol.deepspeed_engine import DeepSpeedEngine
     from fastbyol.trainer import DistInfo
 
-    fake = _FakeDeepSpeed(2, overflow=(3,)) if kind == "fp16" else _FakeDeepSpeed(2, zero_skip=(3,))
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1) if kind == "fp16-hooked" else None
+    fake = _FakeDeepSpeed(2, overflow=(3,), optimizer=opt) if kind.startswith("fp16") else _FakeDeepSpeed(2, zero_skip=(3,))
     eng = DeepSpeedEngine(fake, None, torch.device("cpu"), "fp16", DistInfo(), False)
     assert [eng.step() for _ in range(8)] == [False, True, False, False, False, True, False, True]
+    if kind == "fp16-hooked":  # told by the optimizer's post-step hook: the scale is never read
+        assert fake.torch_autocast_z0_gradscaler.reads == 0
 
 
 def test_resuming_a_single_process_checkpoint_is_refused(tmp_path):
@@ -300,10 +308,24 @@ def test_two_ranks_with_accumulation_match_one_process_and_each_other(data_dir, 
     _assert_same(ck["online"], r0["online_state"], rtol=0, atol=0)
 
 
+def test_fused_kernels_bf16_two_ranks_train_without_host_syncs(data_dir, tmp_path):
+    """The fused loss and EMA (interpreted) inside 2-process DeepSpeed, bf16 autocast, LARS,
+    accumulation 2: trains, ranks agree, and no micro-batch after the first two syncs."""
+    args = smoke(data_dir, tmp_path / "run", "--max-steps", "3", "--dist.grad_accum", "2", "--precision", "bf16")
+    args[args.index("--train.kernels") + 1] = "triton"
+    _launch(torchrun(WORKER, str(tmp_path), "--record-syncs", *args))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["applied"] == [False, True] * 3 and r0["steps"] == 3
+    _assert_same(r0["target_state"], r1["target_state"], rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(r0["final_target"], r0["initial_target"]))
+    assert len(r0["syncs"]) == 4 and r0["syncs"] == r1["syncs"] == [[]] * 4, r0["syncs"]
+
+
 def test_fp16_overflow_skips_the_step_on_every_rank(data_dir, tmp_path):
     """Rank 0's gradient overflows at the first micro-batch; after the all-reduce both ranks skip:
     no weight update, no target update, no schedule advance; the next steps apply."""
     args = smoke(data_dir, tmp_path / "run", "--max-steps", "2", "--precision", "fp16")
+    args[args.index("--train.kernels") + 1] = "triton"  # the fused loss and EMA (interpreted) in fp16
     _launch(torchrun(WORKER, str(tmp_path), "--overflow-at", "0", *args))
     for r in (0, 1):
         rec = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)

@@ -249,9 +249,10 @@ def test_fp32_rounded_momentum_is_caught(monkeypatch):
     real = ema_mod.ema_launch
 
     def fp32_momentum(plan, momentum, *args):  # the old kernel: m rounded first, 1 − m from it
-        grid, a, meta = real(plan, momentum, *args)
+        launch = real(plan, momentum, *args)
         m32 = torch.tensor(momentum, dtype=torch.float32).item()
-        return grid, a[:4] + (m32, 1.0 - m32) + a[6:], meta
+        launch.args.update(m_value=m32, w_value=1.0 - m32)
+        return launch
 
     monkeypatch.setattr(ema_mod, "ema_launch", fp32_momentum)
     with pytest.raises(AssertionError):

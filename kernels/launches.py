@@ -1,0 +1,165 @@
+"""Every Triton launch of fastbyol_kernels, described in one place.
+
+A :class:`Launch` names the kernel and holds its grid, its runtime arguments (by name, in
+the kernel's order), its constexprs and its warp count. The launchers in :mod:`.ema` and
+:mod:`.loss` build their launches here and run them; the ahead-of-time compile check
+(:mod:`.aot`, ``tests/test_aot_compile.py``) compiles the very same descriptions for real
+GPUs. So the signatures, constexprs and block sizes that are checked are the ones that run:
+a launcher cannot change one without the check seeing it.
+
+The builders allocate their outputs on the inputs' device, so with ``meta`` tensors they
+describe a launch of any size without memory (that is how the compile check uses them).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+EMA_BLOCK = 4096  # elements per program: 16 fp32 per thread at 8 warps, 4 vector loads each side
+EMA_WARPS = 8
+LOSS_EPS = 1e-12  # F.normalize's eps
+
+
+@dataclass
+class Launch:
+    """One kernel launch: ``module.kernel[grid](*args.values(), **constexprs, num_warps=num_warps)``."""
+
+    module: str  # the kernel's module inside fastbyol_kernels, e.g. "_triton_ema"
+    kernel: str
+    grid: Tuple[int, ...]
+    args: Dict[str, Any]  # runtime arguments: tensors, ints, floats, in the kernel's order
+    constexprs: Dict[str, Any]
+    num_warps: int
+
+    def run(self, fn: Optional[Any] = None) -> None:
+        """Launch it (``fn``: the kernel, if not the package's own, e.g. a wrapped one)."""
+        if fn is None:
+            fn = getattr(importlib.import_module(f".{self.module}", __package__), self.kernel)
+        fn[self.grid](*self.args.values(), **self.constexprs, num_warps=self.num_warps)
+
+    def label(self) -> str:
+        """Short human-readable name of this specialisation, e.g. for test ids."""
+        parts = [f"{k}={self.args[k]}" for k in ("B", "D") if k in self.args]  # the loss's sizes
+        parts += [f"{k}={_short(v)}" for k, v in self.constexprs.items()]
+        dtypes = sorted({str(v.dtype).replace("torch.", "") for v in self.args.values() if isinstance(v, torch.Tensor)})
+        return f"{self.kernel}[{','.join(parts)}|{'/'.join(dtypes)}|w{self.num_warps}]"
+
+
+def _short(v) -> str:
+    return str(v).replace("triton.language.", "").replace("fp32", "f32")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl  # triton is imported only when a kernel is about to run
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+# ----------------------------------------------------------------------------- EMA
+
+def ema_launch(plan, momentum, stochastic_rounding: bool = False, seed: int = 0) -> Launch:
+    """The multi-tensor EMA over one block table (:mod:`.ema`): one program per block.
+
+    The specialisations are: the dtype pair (``T_DTYPE``, ``O_DTYPE``: fp32, bf16, fp16
+    each), ``M_IS_TENSOR`` (with the momentum tensor's dtype, fp32 or fp64, as a second
+    specialisation), ``ALIGNED``, ``STOCHASTIC`` (bf16 targets only) and ``BLOCK``.
+
+    Args:
+        plan: one group's block table (``t_blocks``, ``o_blocks``, ``blk_len`` on the device;
+            ``t_dtype``, ``o_dtype``, ``aligned``, ``block``).
+        momentum: a checked float (its ``1 − m`` formed here in double; both reach the kernel
+            as fp32) or 0-d tensor on the plan's device (read and combined in the kernel).
+        stochastic_rounding: round to bf16 stochastically (only bf16 targets do).
+        seed: the stochastic-rounding stream, below 2**31.
+    """
+    m_is_tensor = isinstance(momentum, torch.Tensor)
+    if m_is_tensor:  # the scalars are unused
+        m_ptr, m_value, w_value = momentum, 0.0, 0.0
+    else:  # the pointer is unused: any tensor will do
+        m_ptr, m_value, w_value = plan.blk_len, momentum, 1.0 - momentum
+    return Launch(
+        "_triton_ema", "ema_kernel", (plan.blk_len.numel(),),
+        dict(t_blocks=plan.t_blocks, o_blocks=plan.o_blocks, blk_len=plan.blk_len, m_ptr=m_ptr, m_value=m_value,
+             w_value=w_value, seed=seed),
+        dict(T_DTYPE=_tl_dtype(plan.t_dtype), O_DTYPE=_tl_dtype(plan.o_dtype), M_IS_TENSOR=m_is_tensor,
+             ALIGNED=plan.aligned, STOCHASTIC=bool(stochastic_rounding and plan.t_dtype == torch.bfloat16),
+             BLOCK=plan.block),
+        EMA_WARPS)
+
+
+# ----------------------------------------------------------------------------- loss
+
+def loss_blocks(B: int, D: int) -> Tuple[int, int, int]:
+    """``(BLOCK_B, BLOCK_D, num_warps)`` of the loss kernels, by heuristic (``@triton.autotune``
+    with several configs fails under the interpreter): a power-of-two slab of the feature
+    dimension (at most 1024, looped over for larger D) and enough rows for ~2K elements a
+    tile, which keeps 16 fp32 values per thread and input at 4 warps and gives B = 4096,
+    D = 256 512 programs to spread over the SMs."""
+    block_d = min(1024, max(16, 1 << (D - 1).bit_length()))
+    block_b = max(1, min(64, 2048 // block_d, 1 << (B - 1).bit_length()))
+    return block_b, block_d, (4 if block_b * block_d <= 2048 else 8)
+
+
+def loss_fwd_launch(p, z, q, y, two_pairs: bool) -> Launch:
+    """Forward of pair (p, z) and, with ``two_pairs``, pair (q, y), in one launch.
+
+    Outputs (allocated here): ``args["stats_ptr"]`` ``[B, 6]`` fp32 (saved for the backward),
+    and ``args["total_ptr"]`` (fp32 scalar: the symmetric batch mean) with two pairs, else
+    ``args["row_loss_ptr"]`` (fp32 ``[B]``).
+    """
+    B, D = p.shape
+    block_b, block_d, warps = loss_blocks(B, D)
+    stats = torch.empty(B, 6, device=p.device, dtype=torch.float32)
+    # Two pairs: the batch mean, accumulated atomically (hence zeroed: a memset, not a kernel
+    # of ours). One pair: the per-row losses. The unused output gets a stand-in never written.
+    if two_pairs:
+        total = torch.zeros((), device=p.device, dtype=torch.float32)
+        row_loss = stats
+    else:
+        row_loss = torch.empty(B, device=p.device, dtype=torch.float32)
+        total = row_loss
+    return Launch(
+        "_triton_loss", "loss_fwd", (_cdiv(B, block_b),),
+        dict(p_ptr=p, z_ptr=z, q_ptr=q, y_ptr=y, stats_ptr=stats, row_loss_ptr=row_loss, total_ptr=total, B=B, D=D,
+             sp0=p.stride(0), sp1=p.stride(1), sz0=z.stride(0), sz1=z.stride(1),
+             sq0=q.stride(0), sq1=q.stride(1), sy0=y.stride(0), sy1=y.stride(1), eps=LOSS_EPS, total_scale=1.0 / B),
+        dict(TWO_PAIRS=two_pairs, BLOCK_B=block_b, BLOCK_D=block_d), warps)
+
+
+def loss_bwd_launch(p, z, q, y, stats, grad, need_p: bool, need_z: bool, two_pairs: bool) -> Launch:
+    """Backward of :func:`loss_fwd_launch` from its saved ``stats`` and the upstream ``grad``
+    (a scalar with two pairs, ``[B]`` of any stride with one).
+
+    Outputs (allocated here, contiguous, in each input's dtype): ``args["gp_ptr"]``,
+    ``["gz_ptr"]`` and with two pairs ``["gq_ptr"]``, ``["gy_ptr"]``; see :func:`grads_of`.
+    """
+    B, D = p.shape
+    block_b, block_d, warps = loss_blocks(B, D)
+
+    def new_grad(x, need):
+        # A gradient that is not needed gets ``stats`` as a stand-in, never written.
+        return torch.empty(B, D, device=x.device, dtype=x.dtype) if need else stats
+
+    gp, gz = new_grad(p, need_p), new_grad(z, need_z)
+    gq, gy = (new_grad(q, need_p), new_grad(y, need_z)) if two_pairs else (stats, stats)
+    return Launch(
+        "_triton_loss", "loss_bwd", (_cdiv(B, block_b),),
+        dict(p_ptr=p, z_ptr=z, q_ptr=q, y_ptr=y, stats_ptr=stats, grad_ptr=grad, gp_ptr=gp, gz_ptr=gz, gq_ptr=gq,
+             gy_ptr=gy, B=B, D=D, sp0=p.stride(0), sp1=p.stride(1), sz0=z.stride(0), sz1=z.stride(1),
+             sq0=q.stride(0), sq1=q.stride(1), sy0=y.stride(0), sy1=y.stride(1),
+             s_grad=0 if two_pairs else grad.stride(0), eps=LOSS_EPS, grad_scale=1.0 / B),
+        dict(TWO_PAIRS=two_pairs, NEED_P=need_p, NEED_Z=need_z, BLOCK_B=block_b, BLOCK_D=block_d), warps)
+
+
+def grads_of(launch: Launch):
+    """The gradients of p, z, q, y a :func:`loss_bwd_launch` writes (None where not needed)."""
+    c, a = launch.constexprs, launch.args
+    needs = (c["NEED_P"], c["NEED_Z"], c["NEED_P"] and c["TWO_PAIRS"], c["NEED_Z"] and c["TWO_PAIRS"])
+    return tuple(a[k] if need else None for k, need in zip(("gp_ptr", "gz_ptr", "gq_ptr", "gy_ptr"), needs))

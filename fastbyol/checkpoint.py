@@ -166,7 +166,7 @@ def safe_load(path: str, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # not a pickle of Python objects: a damaged or foreign file
+        if "GLOBAL" not in str(e):  # no Python object refused: a damaged or foreign file, not a pickle of code
             raise FastByolError(f"cannot read {what} {path!r}: not a PyTorch checkpoint "
                                 f"({type(e).__name__})") from None
         first = (str(e).strip().splitlines() or [""])[0]

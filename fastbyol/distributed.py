@@ -113,6 +113,15 @@ def average_buffers(*modules: Optional[nn.Module]) -> None:
                 b.data.div_(world)
 
 
+def sum_over_ranks(value: int, device: torch.device) -> int:
+    """``value`` summed over all ranks (a collective and a host sync: call at the end of a run)."""
+    if world_size() <= 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    tdist.all_reduce(t)
+    return int(t.item())
+
+
 def barrier() -> None:
     if world_size() > 1:
         tdist.barrier()

@@ -21,6 +21,7 @@ from .config import Config
 from .backbones import memory_format
 from .data import build_train_loader, resolve_sources
 from .data.torch_loader import eval_loader
+from .distributed import sum_over_ranks
 from .engine import LocalEngine
 from .errors import FastByolError
 from .knn import knn_accuracy
@@ -261,7 +262,7 @@ class Trainer:
             "steps": self.step, "epochs": self.step / self.steps_per_epoch, "seconds": elapsed,
             "images_per_s": (self.step - step_start) * t.batch_size / max(elapsed, 1e-9),
             "knn_top1": last_knn, "knn_top1_random_init": self.knn_random,
-            "skipped_files": self.loader.skipped, "checkpoint": self.ckpt_path,
+            "skipped_files": sum_over_ranks(self.loader.skipped, self.device), "checkpoint": self.ckpt_path,
         }
         plot = self.monitor.close()
         summary["curves"] = plot

@@ -333,7 +333,7 @@ def _encode(img, fmt, **kw):
     return buf.getvalue()
 
 
-def test_bad_files_are_skipped_counted_and_the_rest_decoded(tmp_path, caplog):
+def test_bad_files_are_replaced_counted_and_the_rest_decoded(tmp_path, caplog):
     folder = make_image_folder(tmp_path / "d", classes=1, per_class=13, size=(40, 48))
     d = tmp_path / "d" / "class0"
     rgb = Image.open(d / "000.jpg").convert("RGB")
@@ -356,13 +356,13 @@ def test_bad_files_are_skipped_counted_and_the_rest_decoded(tmp_path, caplog):
     dl = loader(src, aug, 4)
     with caplog.at_level("WARNING", logger="fastbyol.data"):
         batches = list(dl)
-    assert sum(b.view1.shape[0] for b in batches) == 17
+    assert [b.view1.shape[0] for b in batches] == [4] * 5  # never a shrunken batch
     assert all(torch.isfinite(b.view1).all() and torch.isfinite(b.view2).all() for b in batches)
     assert dl.skipped == 3
     assert {os.path.basename(f) for f in dl.bad_files} == {"corrupt.jpg", "truncated.jpg", "bogus_huffman.jpg"}
-    assert "skipped" in caplog.text
-    dl.set_epoch(1)  # known-bad files are skipped without another pipeline failure, and counted again
-    assert sum(b.view1.shape[0] for b in dl) == 17 and dl.skipped == 6
+    assert "replaced" in caplog.text
+    dl.set_epoch(1)  # known-bad files are replaced without another pipeline failure, and counted again
+    assert [b.view1.shape[0] for b in dl] == [4] * 5 and dl.skipped == 6
 
 
 # ----------------------------------------------------------------------------- GPU mode

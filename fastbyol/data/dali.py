@@ -20,9 +20,10 @@ This buys three things DALI's own readers and ``fn.random.*`` cannot give:
   jitter, grayscale, blur and solarisation choices for every image; DALI resizes with
   antialiased bicubic filtering (within 1 grey level of PIL's).
 * **Bad files never stop a run.** The feeder reads each file and checks it cheaply (frame
-  header, JPEG end-of-image / PNG ``IEND`` marker: :func:`~fastbyol.data.image_check.check_encoded`); unreadable files are
-  skipped, counted (:attr:`DaliTwoViewLoader.skipped`) and logged, and the batch shrinks, as
-  on the torch path.
+  header, JPEG end-of-image / PNG ``IEND`` marker: :func:`~fastbyol.data.image_check.check_encoded`); an
+  unreadable file is replaced by the next readable sample (:mod:`~fastbyol.data.substitute`, as
+  on the torch path), counted (:attr:`DaliTwoViewLoader.skipped`) and logged: batches never
+  shrink, so ranks stay in step.
   A file that passes the check and still fails in DALI's decoder (a corrupt Huffman table, say)
   aborts the pipeline; the loader then decodes the batches in flight one file at a time,
   blacklists the culprit and rebuilds the pipeline at the same step (identical batches, since
@@ -84,6 +85,7 @@ from .base import TwoViewBatch
 from .dali_params import VIEW_COLUMNS, dali_columns, view_columns
 from .image_check import check_encoded
 from .image_source import ImageSource, read_encoded
+from .substitute import SUBSTITUTED_MSG, NoReadableImage, Substitutes
 from .torch_loader import EpochShardSampler
 
 log = logging.getLogger("fastbyol.data")
@@ -110,9 +112,10 @@ def import_dali():
 @dataclass
 class FedBatch:
     step: int
-    indices: np.ndarray  # sample indices that made it into the batch
-    bad: List[int]  # sample indices skipped
-    columns: Optional[List[list]]  # pipeline inputs; None when every sample was bad
+    indices: np.ndarray  # the samples fed (stand-ins in place of unreadable ones)
+    bad: List[int]  # the batch's positions' samples that were replaced
+    columns: Optional[List[list]]  # pipeline inputs; None when no sample of the data set is readable
+    error: str = ""  # why columns is None
 
 
 class TwoViewFeeder:
@@ -129,7 +132,9 @@ class TwoViewFeeder:
         self.source, self.aug, self.batch_size, self.seed = source, aug, batch_size, seed
         self.sampler = EpochShardSampler(len(source), batch_size, seed, rank, world_size)
         self.lookahead = lookahead
-        self.known_bad: Set[int] = set()
+        self.substitutes = Substitutes(len(source), self.path)
+        self.known_bad: Set[int] = self.substitutes.bad  # unreadable, or rejected by DALI's decoder
+        self.error = ""  # set when no sample can be read; the loader raises it
         self.epoch, self.next_step, self.order = 0, 0, np.zeros(0, np.int64)
         self.reported_upto = -1  # last step whose bad files were reported
         self.in_flight: List[FedBatch] = []  # fed to DALI, not yet consumed, oldest first
@@ -160,9 +165,11 @@ class TwoViewFeeder:
             if fed.bad and fed.step > self.reported_upto:
                 self.on_bad(fed.bad)
             self.reported_upto = max(self.reported_upto, fed.step)
-            if fed.columns is not None:  # a batch with no readable file is not fed at all
-                self.in_flight.append(fed)
-                return fed.columns
+            if fed.columns is None:  # no readable file at all: the loader raises the error
+                self.error = fed.error
+                raise StopIteration
+            self.in_flight.append(fed)
+            return fed.columns
 
     def consumed(self) -> FedBatch:
         """Mark the oldest fed batch as delivered; returns it."""
@@ -196,16 +203,15 @@ class TwoViewFeeder:
         idx = order[step * b:(step + 1) * b]
         images, good, bad, draws = [], [], [], []
         for i in idx.tolist():
-            item = self._load(i)
-            if item is None:
+            try:
+                j, (image, (height, width)) = self.substitutes.resolve(i, self._load)
+            except NoReadableImage as e:
+                return FedBatch(step, np.zeros(0, np.int64), [], None, str(e))
+            if j != i:
                 bad.append(i)
-                continue
-            image, (height, width) = item
             images.append(image)
-            good.append(i)
+            good.append(j)
             draws.append(draw_sample(np.random.default_rng((self.seed, epoch, i)), height, width, self.aug))
-        if not good:
-            return FedBatch(step, np.zeros(0, np.int64), bad, None)
         good_idx = np.asarray(good, dtype=np.int64)
         labels = list(self.source.labels[good_idx].astype(np.int64).reshape(-1, 1))
         v1, v2 = stack_draws([d[0] for d in draws]), stack_draws([d[1] for d in draws])
@@ -219,8 +225,6 @@ class TwoViewFeeder:
         if src.array is not None:
             img = src.array[i]
             return img, img.shape[:2]
-        if i in self.known_bad:
-            return None
         try:
             data = read_encoded(src, i)
         except OSError:
@@ -411,6 +415,8 @@ class DaliTwoViewLoader:
                         fed = self.feeder.consumed()
                         step, self.last_indices = fed.step + 1, fed.indices
                         yield self._to_batch(out[0])
+                    if self.feeder.error:
+                        raise NoReadableImage(self.feeder.error)
                     clean = True
                     return
                 except RuntimeError as err:  # DALI aborts the whole pipeline on one undecodable file
@@ -457,7 +463,7 @@ class DaliTwoViewLoader:
         self._skipped += len(bad)
         paths = [self.feeder.path(i) for i in bad]
         self.bad_files.extend(paths[: max(0, 20 - len(self.bad_files))])
-        log.warning("skipped %d unreadable image(s) (%d so far), e.g. %s", len(bad), self._skipped, paths[0])
+        log.warning(SUBSTITUTED_MSG, len(bad), self._skipped, paths[0])
 
     def _blacklist_failed(self, err: Exception) -> bool:
         """After a pipeline failure: find the files of the in-flight batches that DALI cannot

@@ -25,6 +25,7 @@ from ..config import AugmentConfig
 from ..errors import FastByolError
 from .base import TwoViewBatch
 from .image_source import ImageSource, read_encoded
+from .substitute import SUBSTITUTED_MSG, NoReadableImage, Substitutes
 
 log = logging.getLogger("fastbyol.data")
 
@@ -43,35 +44,36 @@ def open_rgb(src: ImageSource, i: int):
 
 
 class TwoCropDataset(Dataset):
-    """Sample ``i`` as both views' random resized crops, uint8 ``[2, 3, S, S]``, its label and
-    both views' draws.
+    """Sample ``i`` as both views' random resized crops, uint8 ``[2, 3, S, S]``, its label,
+    both views' draws and whether it was substituted.
 
-    Unreadable files yield ``None`` (dropped by :func:`collate_two_crops` and counted).
+    An unreadable file is replaced by its stand-in (:class:`~fastbyol.data.substitute.Substitutes`:
+    the next readable sample), cut with sample ``i``'s draws, so batches never shrink.
     """
 
     def __init__(self, source: ImageSource, aug: AugmentConfig, seed: int):
         self.source, self.aug, self.seed, self.epoch = source, aug, seed, 0
+        self.substitutes = Substitutes(len(source), lambda j: sample_name(source, j))
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int):
-        img = open_rgb(self.source, i)
-        if img is None:
-            return None, self.source.files[i] if self.source.files else str(i), None
+        j, img = self.substitutes.resolve(i, lambda k: open_rgb(self.source, k))
         crops, v1, v2 = two_crops(img, self.aug, np.random.default_rng((self.seed, self.epoch, i)))
-        return torch.from_numpy(crops), int(self.source.labels[i]), (v1, v2)
+        return torch.from_numpy(crops), int(self.source.labels[j]), (v1, v2), j != i
 
 
-def collate_two_crops(items):
-    """``(crops [B, 2, 3, S, S], labels, bad file names, (view 1 draws, view 2 draws))`` of the
-    readable items; crops ``None`` when none is."""
-    good = [it for it in items if it[0] is not None]
-    bad = [it[1] for it in items if it[0] is None]
-    if not good:
-        return None, None, bad, None
-    draws = tuple(stack_draws([it[2][v] for it in good]) for v in (0, 1))
-    return torch.stack([it[0] for it in good]), torch.tensor([it[1] for it in good]), bad, draws
+def sample_name(src: ImageSource, i: int) -> str:
+    return src.files[i] if src.files is not None else f"array[{i}]"
+
+
+def collate_two_crops(items, names):
+    """``(crops [B, 2, 3, S, S], labels, names of the substituted samples, (view 1 draws,
+    view 2 draws))`` of :class:`TwoCropDataset` items; ``names[k]``: item k's sample name."""
+    bad = [name for it, name in zip(items, names) if it[3]]
+    draws = tuple(stack_draws([it[2][v] for it in items]) for v in (0, 1))
+    return torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items]), bad, draws
 
 
 def collate_crops(items):
@@ -95,8 +97,13 @@ class TwoViewBatchDataset(Dataset):
         self.out_dtype, self.channels_last = out_dtype, channels_last
 
     def __getitem__(self, indices):
-        crops, labels, bad, draws = collate_two_crops([self.crops[i] for i in indices])
-        if crops is not None and self.augment_on is not None:
+        try:
+            items = [self.crops[i] for i in indices]
+        except NoReadableImage as e:  # re-raised by the main process: a one-line message, no worker traceback
+            return None, None, str(e), None
+        names = [sample_name(self.crops.source, i) for i in indices]
+        crops, labels, bad, draws = collate_two_crops(items, names)
+        if self.augment_on is not None:
             crops, draws = augment_pair(crops, self.crops.aug, draws, self.out_dtype, self.channels_last), None
         return crops, labels, bad, draws
 
@@ -175,11 +182,13 @@ class TorchTwoViewLoader:
 
     def __iter__(self) -> Iterator[TwoViewBatch]:
         for crops, labels, bad, draws in self._loader():
+            if crops is None:
+                raise NoReadableImage(bad)
             if bad:
                 self._note_bad(bad)
             if isinstance(crops, (tuple, list)):  # augmented in a worker
                 yield TwoViewBatch(crops[0], crops[1], labels)
-            elif crops is not None:
+            else:
                 v1, v2 = augment_pair(crops.to(self.device, non_blocking=True), self.aug, draws,
                                       self.out_dtype, self.channels_last)
                 yield TwoViewBatch(v1, v2, labels.to(self.device, non_blocking=True))
@@ -187,7 +196,7 @@ class TorchTwoViewLoader:
     def _note_bad(self, bad: List[str]) -> None:
         self._skipped += len(bad)
         self.bad_files.extend(bad[: max(0, 20 - len(self.bad_files))])
-        log.warning("skipped %d unreadable image(s) (%d so far), e.g. %s", len(bad), self._skipped, bad[0])
+        log.warning(SUBSTITUTED_MSG, len(bad), self._skipped, bad[0])
 
 
 # ----------------------------------------------------------------------------- evaluation

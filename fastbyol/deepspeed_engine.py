@@ -34,8 +34,8 @@ Design (issue #5):
   atomically (config, step, online and target weights, RNG, history and the DeepSpeed tag),
   and removes older tags. ``--resume DIR`` reads both; ``fastbyol export DIR enc.pt`` reads
   only ``checkpoint.pt``, as for a single-process run.
-* **Replicas** (:mod:`fastbyol.distributed`): SyncBatchNorm with more than one rank on CUDA
-  (``dist.sync_bn``, default on, as the paper); rank 0's online and target parameters and
+* **Replicas** (:mod:`fastbyol.distributed`): synchronised BatchNorm with more than one rank
+  (:mod:`fastbyol.sync_batchnorm`; ``dist.sync_bn``, default on, as the paper); rank 0's online and target parameters and
   buffers are broadcast at start; without SyncBN, BatchNorm running statistics are averaged
   over ranks before each checkpoint.
 """

@@ -1,8 +1,8 @@
 """The DALI data path: decoding and both BYOL views on the GPU (or DALI's CPU backend).
 
 Design: **the host draws, DALI computes.** A Python feeder hands DALI each batch as encoded
-bytes (or CIFAR pixels) *plus every random parameter of both views*, drawn per sample from
-``np.random.default_rng((seed, epoch, index))``; the pipeline itself holds no random operator.
+bytes (or CIFAR pixels) *plus every random parameter of both views*, drawn per sample as a
+function of ``(seed, epoch, index)`` (:func:`fastbyol.augment.draw_samples`); the pipeline itself holds no random operator.
 This buys three things DALI's own readers and ``fn.random.*`` cannot give:
 
 * **Exact resume.** Sample order is :class:`~fastbyol.data.torch_loader.EpochShardSampler`'s
@@ -15,7 +15,7 @@ This buys three things DALI's own readers and ``fn.random.*`` cannot give:
   that advance through the run (a shuffle buffer, or ``shuffle_after_epoch``; per-operator
   RNGs): reaching epoch ``e`` step ``k`` means replaying the run or saving DALI's own
   checkpoint blob next to ours, and the order would differ from the torch path's.
-* **The torch path's choices.** The draws are :func:`fastbyol.augment.draw_sample`'s, the
+* **The torch path's choices.** The draws are :func:`fastbyol.augment.draw_samples`', the
   torch path's, so for the same seed both paths cut the same windows and make the same flip,
   jitter, grayscale, blur and solarisation choices for every image; DALI resizes with
   antialiased bicubic filtering (within 1 grey level of PIL's).
@@ -30,7 +30,7 @@ This buys three things DALI's own readers and ``fn.random.*`` cannot give:
   nothing is random inside it).
 
 Per view, in the torch path's order (:func:`fastbyol.augment.augment_view`), every choice per
-sample (from :func:`fastbyol.augment.draw_sample`, turned into pipeline inputs by
+sample (from :func:`fastbyol.augment.draw_samples`, turned into pipeline inputs by
 :mod:`fastbyol.data.dali_params`); parameters from
 :class:`~fastbyol.config.AugmentConfig`:
 
@@ -71,6 +71,7 @@ Examples:
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set
@@ -78,7 +79,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set
 import numpy as np
 import torch
 
-from ..augment import GRAY_WEIGHTS, draw_sample, stack_draws
+from ..augment import GRAY_WEIGHTS, draw_samples
 from ..config import AugmentConfig, ViewConfig
 from ..errors import FastByolError
 from .base import TwoViewBatch
@@ -94,6 +95,14 @@ DALI_MISSING = ("--loader dali needs NVIDIA DALI: pip install 'fastbyol[dali]' "
                 "(nvidia-dali-cuda130, or nvidia-dali-cuda120 for CUDA 12)")
 
 _SOLARIZE_AT = 127.5  # x/255 >= 0.5, the torch path's threshold
+
+
+def cores_per_rank() -> int:
+    """The CPU cores this process may use, shared among the node's ranks (``LOCAL_WORLD_SIZE``
+    from torchrun, ``LOCAL_SIZE`` from the DeepSpeed launcher): DALI's thread count by default."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    return max(1, cores // max(1, local))
 
 
 def import_dali():
@@ -123,12 +132,13 @@ class TwoViewFeeder:
 
     Called by DALI (``fn.external_source(source=feeder, batch=True)``) once per batch; raises
     ``StopIteration`` after the epoch's last full batch. Batches are prepared ``lookahead``
-    steps ahead on a background thread (file reads, header checks, the draws), so the
-    training thread rarely waits.
+    steps ahead on a background thread (the draws, the columns), whose file reads and header
+    checks run on ``read_threads`` more threads, so the training thread rarely waits and
+    ~1 ms network-file-system reads overlap (``benchmarks/bench_feeder.py``).
     """
 
     def __init__(self, source: ImageSource, aug: AugmentConfig, batch_size: int, seed: int, rank: int,
-                 world_size: int, lookahead: int = 3):
+                 world_size: int, lookahead: int = 3, read_threads: int = 16):
         self.source, self.aug, self.batch_size, self.seed = source, aug, batch_size, seed
         self.sampler = EpochShardSampler(len(source), batch_size, seed, rank, world_size)
         self.lookahead = lookahead
@@ -139,7 +149,10 @@ class TwoViewFeeder:
         self.reported_upto = -1  # last step whose bad files were reported
         self.in_flight: List[FedBatch] = []  # fed to DALI, not yet consumed, oldest first
         self.on_bad: Callable[[List[int]], None] = lambda bad: None
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self.read_threads = read_threads
+        self.read: Callable[[ImageSource, int], bytes] = read_encoded  # swappable (the benchmark's slow reader)
+        self._pool: Optional[ThreadPoolExecutor] = None  # prepares batches ahead, in order
+        self._readers: Optional[ThreadPoolExecutor] = None  # reads files for the batch being prepared
         self._pending: Dict[int, Future] = {}
 
     def steps_per_epoch(self) -> int:
@@ -177,9 +190,10 @@ class TwoViewFeeder:
 
     def close(self) -> None:
         self._drop_pending()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+        for pool in (self._pool, self._readers):
+            if pool is not None:
+                pool.shutdown(wait=False)
+        self._pool = self._readers = None
 
     # -- preparation
 
@@ -198,35 +212,54 @@ class TwoViewFeeder:
 
     def prepare(self, order: np.ndarray, epoch: int, step: int) -> FedBatch:
         """Read, check and draw for batch ``step`` of ``order`` (this rank's sample order in
-        ``epoch``): a pure function of its arguments and the known-bad set."""
+        ``epoch``): a pure function of its arguments and the files. Files are read and checked
+        by ``read_threads`` threads (reads release the GIL, so they overlap on a network file
+        system); the draws are one vectorised call for the batch; each column is one array."""
         b = self.batch_size
         idx = order[step * b:(step + 1) * b]
-        images, good, bad, draws = [], [], [], []
-        for i in idx.tolist():
-            try:
-                j, (image, (height, width)) = self.substitutes.resolve(i, self._load)
-            except NoReadableImage as e:
-                return FedBatch(step, np.zeros(0, np.int64), [], None, str(e))
-            if j != i:
-                bad.append(i)
-            images.append(image)
-            good.append(j)
-            draws.append(draw_sample(np.random.default_rng((self.seed, epoch, i)), height, width, self.aug))
-        good_idx = np.asarray(good, dtype=np.int64)
-        labels = list(self.source.labels[good_idx].astype(np.int64).reshape(-1, 1))
-        v1, v2 = stack_draws([d[0] for d in draws]), stack_draws([d[1] for d in draws])
+        src = self.source
+        bad: List[int] = []
+        if src.array is not None:  # decoded pixels (CIFAR): nothing to read or check
+            images, fed = src.array[idx], idx
+            heights, widths = np.full(len(idx), images.shape[1]), np.full(len(idx), images.shape[2])
+        else:
+            items = self._read_all(idx.tolist())
+            fed = idx.copy()
+            for k, i in enumerate(idx.tolist()):
+                if items[k] is None:  # unreadable: the next readable sample stands in
+                    self.substitutes.bad.add(i)
+                    try:
+                        fed[k], items[k] = self.substitutes.resolve(i, self._load)
+                    except NoReadableImage as e:
+                        return FedBatch(step, np.zeros(0, np.int64), [], None, str(e))
+                    bad.append(i)
+            images = [data for data, _ in items]
+            heights, widths = np.array([size for _, size in items]).reshape(-1, 2).T
+        labels = src.labels[fed].astype(np.int64).reshape(-1, 1)
+        v1, v2 = draw_samples(idx, heights, widths, self.aug, self.seed, epoch)
         k = self.aug.blur_kernel_size
         cols = dali_columns(v1, view_columns(self.aug.view1), k) + dali_columns(v2, view_columns(self.aug.view2), k)
-        return FedBatch(step, good_idx, bad, [images, labels] + cols)
+        return FedBatch(step, fed, bad, [images, labels] + cols)
+
+    def _read_all(self, indices: List[int]) -> list:
+        """:meth:`_load` of every index (``None`` for known-bad ones), in ``read_threads``
+        chunks at once."""
+        def load_chunk(chunk):
+            return [None if i in self.known_bad else self._load(i) for i in chunk]
+
+        n = min(self.read_threads, len(indices))
+        if n <= 1:
+            return load_chunk(indices)
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(self.read_threads, thread_name_prefix="fastbyol-dali-read")
+        step = -(-len(indices) // n)
+        chunks = [indices[k:k + step] for k in range(0, len(indices), step)]
+        return [item for part in self._readers.map(load_chunk, chunks) for item in part]
 
     def _load(self, i: int):
-        """``(pixels or encoded bytes, (h, w))`` of sample ``i``; ``None`` when unreadable."""
-        src = self.source
-        if src.array is not None:
-            img = src.array[i]
-            return img, img.shape[:2]
+        """``(encoded bytes, (h, w))`` of sample ``i``; ``None`` when unreadable."""
         try:
-            data = read_encoded(src, i)
+            data = self.read(self.source, i)
         except OSError:
             return None
         size = check_encoded(data)
@@ -346,7 +379,9 @@ class DaliTwoViewLoader:
         device: CUDA → GPU mode on ``device.index``; CPU → DALI's CPU backend.
         seed: shuffling and augmentation seed (the same streams as the torch path).
         rank, world_size: this rank's shard of each epoch's permutation.
-        workers: DALI CPU threads.
+        workers: DALI's CPU threads (decoding on the CPU backend, CPU operators); 0: the CPU
+            cores per rank on this node (:func:`cores_per_rank`). The feeder reads files on
+            its own 16 threads either way.
         channels_last: views in channels-last memory format.
         out_dtype: float32, float16 (produced by DALI) or bfloat16 (cast in torch).
 
@@ -391,7 +426,8 @@ class DaliTwoViewLoader:
 
         pipe = byol_two_view_pipeline(
             self.feeder, self.aug, self.batch_size, encoded=self.source.files is not None,
-            device_id=self.device.index if self.device.type == "cuda" else None, num_threads=self.workers,
+            device_id=self.device.index if self.device.type == "cuda" else None,
+            num_threads=self.workers if self.workers > 0 else cores_per_rank(),
             seed=self.seed * 1_000_003 + self.rank, fp16=self.out_dtype == torch.float16,
             channels_last=self.channels_last)
         # No reader and no size: the feeder ends the epoch (full batches only, the DROP policy)

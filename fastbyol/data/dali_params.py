@@ -1,5 +1,5 @@
 """The DALI pipeline's parameter inputs, from the per-sample draws both paths share
-(:func:`fastbyol.augment.draw_sample`); pure numpy, no DALI.
+(:func:`fastbyol.augment.draw_samples`); pure numpy, no DALI.
 
 :func:`dali_columns` turns one view's draws for a batch into the pipeline's inputs
 (:data:`VIEW_COLUMNS`), composing the four colour-jitter ops in each sample's random order into
@@ -85,8 +85,8 @@ def view_columns(view: ViewConfig) -> Tuple[str, ...]:
 
 
 def dali_columns(d: ViewDraws, names: Sequence[str], kernel_size: int) -> List[List[np.ndarray]]:
-    """The pipeline inputs ``names`` (see :func:`view_columns`) of one view's draws, one
-    array per sample."""
+    """The pipeline inputs ``names`` (see :func:`view_columns`) of one view's draws: one
+    array per column, the batch its outer dimension (no per-sample arrays to build)."""
     top, left, h, w = (d.boxes[:, k].astype(np.float32) for k in range(4))
     cols = {"roi_start": np.stack([top, left], 1), "roi_end": np.stack([top + h, left + w], 1),
             "flip": d.flip.astype(np.int32), "gray": d.gray, "blur": d.blur,
@@ -94,7 +94,7 @@ def dali_columns(d: ViewDraws, names: Sequence[str], kernel_size: int) -> List[L
             "solarize": d.solarize}
     if "jitter_a" in names:
         cols["jitter_a"], cols["jitter_t"] = jitter_matrices(d.factors, d.order, d.jitter)
-    return [list(cols[n]) for n in names]
+    return [np.ascontiguousarray(cols[n]) for n in names]
 
 
 def blur_window(sigma: np.ndarray, kernel_size: int) -> np.ndarray:

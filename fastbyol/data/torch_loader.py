@@ -1,8 +1,8 @@
 """The torch data path: DataLoader workers decode and crop, the device does the rest.
 
 Each worker item is one whole batch (a list of indices from a ``BatchSampler``). Workers
-draw every random choice of both views per image (:func:`fastbyol.augment.draw_sample`, from
-``(seed, epoch, index)``), cut the two uint8 crops (4× less host→device traffic than floats)
+draw every random choice of both views for the batch (:func:`fastbyol.augment.draw_samples`,
+each image's a function of ``(seed, epoch, index)``), cut the two uint8 crops (4× less host→device traffic than floats)
 and return them with the draws; the photometric half runs batched on the training device
 (:func:`fastbyol.augment.augment_pair`). When the training device *is* the CPU, the workers
 run that half too, so it overlaps with compute instead of adding to every step. Since the
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from ..augment import augment_pair, center_view, stack_draws, two_crops
+from ..augment import augment_pair, center_view, crop_pair, draw_samples
 from ..config import AugmentConfig
 from ..errors import FastByolError
 from .base import TwoViewBatch
@@ -44,11 +44,12 @@ def open_rgb(src: ImageSource, i: int):
 
 
 class TwoCropDataset(Dataset):
-    """Sample ``i`` as both views' random resized crops, uint8 ``[2, 3, S, S]``, its label,
-    both views' draws and whether it was substituted.
+    """Item: a batch's sample indices → ``(crops, labels, names of the substituted samples,
+    (view 1 draws, view 2 draws))``, crops uint8 ``[B, 2, 3, S, S]``.
 
     An unreadable file is replaced by its stand-in (:class:`~fastbyol.data.substitute.Substitutes`:
-    the next readable sample), cut with sample ``i``'s draws, so batches never shrink.
+    the next readable sample), cut with position ``i``'s draws, so batches never shrink. The
+    draws are :func:`~fastbyol.augment.draw_samples`' for the whole batch at once.
     """
 
     def __init__(self, source: ImageSource, aug: AugmentConfig, seed: int):
@@ -58,22 +59,19 @@ class TwoCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int):
-        j, img = self.substitutes.resolve(i, lambda k: open_rgb(self.source, k))
-        crops, v1, v2 = two_crops(img, self.aug, np.random.default_rng((self.seed, self.epoch, i)))
-        return torch.from_numpy(crops), int(self.source.labels[j]), (v1, v2), j != i
+    def __getitem__(self, indices):
+        loaded = [self.substitutes.resolve(i, lambda k: open_rgb(self.source, k)) for i in indices]
+        widths, heights = np.array([img.size for _, img in loaded]).reshape(-1, 2).T
+        d1, d2 = draw_samples(np.asarray(indices), heights, widths, self.aug, self.seed, self.epoch)
+        size = self.aug.image_size
+        crops = np.stack([crop_pair(img, d1.boxes[k], d2.boxes[k], size) for k, (_, img) in enumerate(loaded)])
+        labels = torch.as_tensor(self.source.labels[[j for j, _ in loaded]].astype(np.int64))
+        bad = [sample_name(self.source, i) for i, (j, _) in zip(indices, loaded) if j != i]
+        return torch.from_numpy(crops), labels, bad, (d1, d2)
 
 
 def sample_name(src: ImageSource, i: int) -> str:
     return src.files[i] if src.files is not None else f"array[{i}]"
-
-
-def collate_two_crops(items, names):
-    """``(crops [B, 2, 3, S, S], labels, names of the substituted samples, (view 1 draws,
-    view 2 draws))`` of :class:`TwoCropDataset` items; ``names[k]``: item k's sample name."""
-    bad = [name for it, name in zip(items, names) if it[3]]
-    draws = tuple(stack_draws([it[2][v] for it in items]) for v in (0, 1))
-    return torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items]), bad, draws
 
 
 def collate_crops(items):
@@ -98,11 +96,9 @@ class TwoViewBatchDataset(Dataset):
 
     def __getitem__(self, indices):
         try:
-            items = [self.crops[i] for i in indices]
+            crops, labels, bad, draws = self.crops[indices]
         except NoReadableImage as e:  # re-raised by the main process: a one-line message, no worker traceback
             return None, None, str(e), None
-        names = [sample_name(self.crops.source, i) for i in indices]
-        crops, labels, bad, draws = collate_two_crops(items, names)
         if self.augment_on is not None:
             crops, draws = augment_pair(crops, self.crops.aug, draws, self.out_dtype, self.channels_last), None
         return crops, labels, bad, draws

@@ -52,6 +52,7 @@ def resolve_device(name: str, dist: DistInfo) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise FastByolError("--train.device cuda requested but CUDA is not available")
+        torch.backends.cudnn.benchmark = True  # batch shapes never change (full batches only): tune once
         return torch.device("cuda", dist.local_rank)
     return torch.device(name)
 
@@ -122,6 +123,8 @@ class Trainer:
             self.engine = LocalEngine(self.model.online, opt, self.device, t.precision, cfg.dist.grad_accum, t.compile)
         else:
             self.engine = engine_factory(self.model, cfg, self.device, self.dist)
+        if t.compile:
+            self.model.compile_target()  # the engine compiles the online network
         self.step = 0
         self.knn_random: Optional[float] = None
         self._nonfinite: Optional[torch.Tensor] = None  # set by start_steps

@@ -148,3 +148,11 @@ def test_cpu_workers_augment_the_same_views_as_the_main_process(tmp_path):
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         assert torch.equal(x.view1, y.view1) and torch.equal(x.view2, y.view2) and torch.equal(x.labels, y.labels)
+
+
+def test_views_leave_the_loader_in_the_training_dtype_on_cuda_only():
+    from fastbyol.data import view_dtype
+
+    cuda = torch.device("cuda", 0)
+    assert view_dtype("bf16", cuda) == torch.bfloat16 and view_dtype("fp16", cuda) == torch.float16
+    assert view_dtype("fp32", cuda) == torch.float32 and view_dtype("bf16", CPU) == torch.float32

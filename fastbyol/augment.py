@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch

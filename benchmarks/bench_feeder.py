@@ -147,7 +147,8 @@ def main(argv=None) -> Dict:
     from fastbyol.data.sources import scan_image_folder
 
     aug = preset("imagenet-resnet50").augment
-    root = args.data or make_jpeg_folder(os.path.join(tempfile.gettempdir(), "fastbyol-bench-feeder"),
+    folder = "fastbyol-bench-feeder-smoke" if args.smoke else "fastbyol-bench-feeder"
+    root = args.data or make_jpeg_folder(os.path.join(tempfile.gettempdir(), folder),
                                          args.num_files, size=(500, 375) if not args.smoke else (64, 48))
     src = scan_image_folder(root)
     print(f"{len(src)} files in {root}; batch {args.batch}; pinned to {args.cores or 'all'} core(s)", flush=True)

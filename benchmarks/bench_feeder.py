@@ -8,7 +8,8 @@ runs the product's own :class:`fastbyol.data.dali.TwoViewFeeder` exactly as DALI
 (``start``, then one call per batch), over whole epochs; images/s counts source images.
 
 Rows:
-  page cache, 16 read threads  — the default feeder, files already in memory
+  page cache, 16 read threads  — the default feeder, files already in memory (fast reads stay on
+                                   the preparing thread: threads would only contend for the GIL)
   page cache, 1 read thread    — the same, reads in the preparing thread itself
   1 ms per read, 16 / 1 threads — every read first sleeps 1 ms (a network file system's
                                    latency), the rest unchanged: are reads overlapped?

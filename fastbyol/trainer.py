@@ -52,7 +52,7 @@ def resolve_device(name: str, dist: DistInfo) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise FastByolError("--train.device cuda requested but CUDA is not available")
-        torch.backends.cudnn.benchmark = True  # batch shapes never change (full batches only): tune once
+        torch.backends.cudnn.benchmark = True  # training batches never change shape (always full): tune once
         return torch.device("cuda", dist.local_rank)
     return torch.device(name)
 

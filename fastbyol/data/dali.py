@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set
@@ -95,6 +96,8 @@ DALI_MISSING = ("--loader dali needs NVIDIA DALI: pip install 'fastbyol[dali]' "
                 "(nvidia-dali-cuda130, or nvidia-dali-cuda120 for CUDA 12)")
 
 _SOLARIZE_AT = 127.5  # x/255 >= 0.5, the torch path's threshold
+SLOW_READ_S = 200e-6  # a file read slower than this (not from the page cache) goes to the read threads
+_PROBE_READS = 4  # reads timed per batch to tell
 
 
 def cores_per_rank() -> int:
@@ -132,9 +135,9 @@ class TwoViewFeeder:
 
     Called by DALI (``fn.external_source(source=feeder, batch=True)``) once per batch; raises
     ``StopIteration`` after the epoch's last full batch. Batches are prepared ``lookahead``
-    steps ahead on a background thread (the draws, the columns), whose file reads and header
-    checks run on ``read_threads`` more threads, so the training thread rarely waits and
-    ~1 ms network-file-system reads overlap (``benchmarks/bench_feeder.py``).
+    steps ahead on a background thread (the draws, the columns); when file reads are slow
+    (a network file system), they and the header checks run on ``read_threads`` more threads,
+    so the training thread rarely waits and ~1 ms reads overlap (``benchmarks/bench_feeder.py``).
     """
 
     def __init__(self, source: ImageSource, aug: AugmentConfig, batch_size: int, seed: int, rank: int,
@@ -242,19 +245,25 @@ class TwoViewFeeder:
         return FedBatch(step, fed, bad, [images, labels] + cols)
 
     def _read_all(self, indices: List[int]) -> list:
-        """:meth:`_load` of every index (``None`` for known-bad ones), in ``read_threads``
-        chunks at once."""
+        """:meth:`_load` of every index (``None`` for known-bad ones). The first few are read
+        here, timed: reads faster than :data:`SLOW_READ_S` (page cache) go on here, since
+        threads would only contend for the GIL; slower ones (a network file system) go to
+        ``read_threads`` threads in chunks, so their waits overlap."""
         def load_chunk(chunk):
             return [None if i in self.known_bad else self._load(i) for i in chunk]
 
-        n = min(self.read_threads, len(indices))
-        if n <= 1:
-            return load_chunk(indices)
+        t0 = time.perf_counter()
+        head = load_chunk(indices[:_PROBE_READS])
+        rest = indices[_PROBE_READS:]
+        per_read = (time.perf_counter() - t0) / max(1, len(head))
+        n = min(self.read_threads, len(rest))
+        if n <= 1 or per_read < SLOW_READ_S:
+            return head + load_chunk(rest)
         if self._readers is None:
             self._readers = ThreadPoolExecutor(self.read_threads, thread_name_prefix="fastbyol-dali-read")
-        step = -(-len(indices) // n)
-        chunks = [indices[k:k + step] for k in range(0, len(indices), step)]
-        return [item for part in self._readers.map(load_chunk, chunks) for item in part]
+        step = -(-len(rest) // n)
+        chunks = [rest[k:k + step] for k in range(0, len(rest), step)]
+        return head + [item for part in self._readers.map(load_chunk, chunks) for item in part]
 
     def _load(self, i: int):
         """``(encoded bytes, (h, w))`` of sample ``i``; ``None`` when unreadable."""

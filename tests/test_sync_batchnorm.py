@@ -76,3 +76,15 @@ def test_two_ranks_equal_batchnorm_on_the_whole_batch():
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert "rank 0: ok" in res.stdout and "rank 1: ok" in res.stdout
+
+
+def test_variance_survives_a_large_mean(one_rank_group):
+    """A mean 1e4 standard deviations from 0: the naive fp32 E[x²] − E[x]² loses the
+    variance entirely; the float64 combine keeps it to fp32 precision."""
+    x = (torch.randn(64, 4, 5, 5, dtype=torch.float64) * 3 + 3e4).float()
+    truth = x.double().var(dim=(0, 2, 3), correction=1)
+    naive = (x * x).mean((0, 2, 3)) - x.mean((0, 2, 3)) ** 2
+    assert ((naive.double() * 1600 / 1599 - truth).abs() / truth).max() > 0.01
+    bn = SyncFreeBatchNorm(4, momentum=1.0)  # running_var = this batch's unbiased variance
+    bn(x)
+    torch.testing.assert_close(bn.running_var.double(), truth, rtol=1e-5, atol=0)

@@ -66,15 +66,15 @@ def breakdown(ctx: bt.Context, repeats: int = 9) -> Dict[str, Dict[str, float]]:
     from torch.utils.data import default_collate
 
     from fastbyol.augment import augment_pair
-    from fastbyol.data.torch_loader import TwoCropDataset, collate_two_crops
+    from fastbyol.data.torch_loader import TwoCropDataset
 
     b, src, cfg = ctx.batch, ctx.source, ctx.cfg
     idx = list(range(b))
     pieces: Dict[str, Callable[[], object]] = {}
     ds = TwoCropDataset(src, cfg.augment, ctx.seed)
     pieces["fastbyol|host: decode + 2 random-resized crops + collate (per batch, 1 process)"] = \
-        lambda: collate_two_crops([ds[i] for i in idx])
-    crops, _, _, draws = collate_two_crops([ds[i] for i in idx])
+        lambda: ds[idx]
+    crops, _, _, draws = ds[idx]
     pieces["fastbyol|batched photometric augmentation (augment_pair; in the workers on CPU)"] = \
         lambda: augment_pair(crops, cfg.augment, draws, torch.float32, True)
     fb = bt.FastByolRunner(ctx, loader="synthetic")  # compute pieces, on pre-made views

@@ -1,10 +1,10 @@
 """BYOL's two asymmetric views (BYOL_SPEC, "Augmentations"), split where it is cheapest.
 
-* The random choices, per image, on the host: :func:`draw_sample` draws both views' crop
-  boxes and every photometric choice from the image's own generator, seeded by
-  ``(seed, epoch, index)``. Both data paths use these draws, so for a given seed the torch and
-  the DALI paths make the same choices for every image, whatever the number of ranks, and a
-  resumed run replays them.
+* The random choices, per image, on the host: :func:`draw_samples` draws both views' crop
+  boxes and every photometric choice for a whole batch at once from a counter-based generator
+  keyed by ``(seed, epoch, index)`` (:mod:`fastbyol.counter_rng`). Both data paths use these
+  draws, so for a given seed the torch and the DALI paths make the same choices for every
+  image, whatever the number of ranks, and a resumed run replays them.
 * Geometry, per image, on the host while decoding: :func:`crop_resize` (random resized crop,
   bicubic).
 * Photometry, batched on the training device: :func:`augment_view` applies flip, colour
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -31,30 +31,38 @@ GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 
 # ----------------------------------------------------------------------------- geometry (host)
 
-def sample_crop_box(height: int, width: int, scale: Tuple[float, float], ratio: Tuple[float, float],
-                    rng: np.random.Generator) -> Tuple[int, int, int, int]:
-    """A random-resized-crop box ``(top, left, h, w)``: area share in ``scale``, aspect ratio
-    log-uniform in ``ratio``; 10 tries, then the largest centred box of legal ratio
-    (torchvision's RandomResizedCrop algorithm)."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+_CROP_TRIES = 10
+
+
+def crop_boxes(u: np.ndarray, heights: np.ndarray, widths: np.ndarray, scale: Tuple[float, float],
+               ratio: Tuple[float, float]) -> np.ndarray:
+    """Random-resized-crop boxes ``[n, 4]`` int64 ``(top, left, h, w)`` for a batch, from
+    uniforms ``u`` ``[n, 10, 4]`` (per try: area share, log aspect ratio, top, left).
+
+    torchvision's RandomResizedCrop algorithm, vectorised: area share uniform in ``scale``,
+    aspect ratio log-uniform in ``ratio``; the first of 10 tries that fits, else the largest
+    centred box of legal ratio.
+    """
+    hh, ww = np.asarray(heights, np.int64)[:, None], np.asarray(widths, np.int64)[:, None]
+    area = (hh * ww).astype(np.float64)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(lo + (hi - lo) * u[..., 1])
+    w = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= ww) & (h > 0) & (h <= hh)
+    top = np.floor(u[..., 2] * (hh - h + 1)).astype(np.int64)
+    left = np.floor(u[..., 3] * (ww - w + 1)).astype(np.int64)
+    first = fits.argmax(1)
+    rows = np.arange(len(u))
+    boxes = np.stack([top[rows, first], left[rows, first], h[rows, first], w[rows, first]], 1)
+    # Fallback: the whole image, cut to the nearest legal aspect ratio, centred.
+    hh, ww = hh[:, 0], ww[:, 0]
+    in_ratio = ww / hh
+    fw = np.where(in_ratio < ratio[0], ww, np.where(in_ratio > ratio[1], np.round(hh * ratio[1]), ww)).astype(np.int64)
+    fh = np.where(in_ratio < ratio[0], np.round(ww / ratio[0]), hh).astype(np.int64)
+    fallback = np.stack([(hh - fh) // 2, (ww - fw) // 2, fh, fw], 1)
+    return np.where(fits.any(1)[:, None], boxes, fallback)
 
 
 def crop_resize(img, box: Tuple[int, int, int, int], size: int) -> np.ndarray:
@@ -71,7 +79,7 @@ def crop_resize_batch(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.
     """Random resized crops of a float image batch on its own device, in one pass.
 
     ``x`` is ``[B, C, H, W]``, ``boxes`` ``[B, 4]`` (top, left, h, w) in pixels (as
-    :func:`sample_crop_box` draws them); returns ``[B, C, size, size]``. Each crop is one affine
+    :func:`crop_boxes` draws them); returns ``[B, C, size, size]``. Each crop is one affine
     map of ``grid_sample`` (bilinear, ``align_corners=False``: the pixel-centre convention of
     ``F.interpolate``), so a box covering the whole image at its own size returns it unchanged.
     No antialiasing: crops shrunk by more than 2x alias, where PIL's bicubic filter would not.
@@ -92,7 +100,7 @@ def crop_resize_batch(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.
 
 @dataclass
 class ViewDraws:
-    """One view's random choices for a batch: numpy arrays over samples (:func:`stack_draws`),
+    """One view's random choices for a batch: numpy arrays over samples (:func:`draw_samples`),
     or tensors on the training device (:meth:`to`)."""
 
     boxes: np.ndarray  # [n, 4] int (top, left, h, w) of the random resized crop
@@ -105,6 +113,10 @@ class ViewDraws:
     sigma: np.ndarray  # [n] blur sigma in pixels
     solarize: np.ndarray  # [n] bool
 
+    def take(self, idx) -> "ViewDraws":
+        """The draws of samples ``idx`` (an index array or a slice)."""
+        return ViewDraws(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
     def to(self, device: torch.device) -> "ViewDraws":
         """As tensors on ``device`` (floats as float32, the views' compute dtype)."""
         def conv(a):
@@ -114,52 +126,53 @@ class ViewDraws:
         return ViewDraws(**{f.name: conv(getattr(self, f.name)) for f in fields(self)})
 
 
-def draw_sample(rng: np.random.Generator, height: int, width: int, aug: AugmentConfig) -> Tuple[tuple, tuple]:
-    """Both views' random choices for one ``height`` x ``width`` image, from its own generator:
-    ``(view 1, view 2)``, each ``(box, flip, jitter, factors, order, gray, blur, sigma, solarize)``.
+# Per view, the uniforms each choice reads (a fixed layout: turning an op off changes no other draw).
+_TRY = slice(0, 4 * _CROP_TRIES)  # crop tries: area share, log ratio, top, left
+_FLIP, _JITTER, _GRAY, _BLUR, _SOLARIZE, _SIGMA = range(4 * _CROP_TRIES, 4 * _CROP_TRIES + 6)
+_FACTORS = slice(4 * _CROP_TRIES + 6, 4 * _CROP_TRIES + 10)  # brightness, contrast, saturation, hue
+_ORDER = slice(4 * _CROP_TRIES + 10, 4 * _CROP_TRIES + 14)  # sort keys of the four jitter ops
+DRAWS_PER_VIEW = 4 * _CROP_TRIES + 14
 
-    The two crop boxes come first. Every probability is tested against its own uniform draw, so
-    the stream layout does not depend on the configuration. Factors are uniform in
-    ``[1 - s, 1 + s]`` (hue: ``[-h, h]`` turns) as torchvision's ColorJitter; the op order is a
-    uniform permutation.
+
+def draw_samples(indices, heights, widths, aug: AugmentConfig, seed: int, epoch: int
+                 ) -> Tuple[ViewDraws, ViewDraws]:
+    """Both views' random choices for a batch of images: sample ``k`` is image ``indices[k]``
+    (``heights[k]`` x ``widths[k]`` pixels), its choices a function of ``(seed, epoch,
+    indices[k])`` and its size alone (:func:`fastbyol.counter_rng.counter_uniforms`), whichever
+    batch, loader, rank or thread draws them.
+
+    Every probability is tested against its own uniform. Factors are uniform in ``[1 - s, 1 + s]``
+    (hue: ``[-h, h]`` turns) as torchvision's ColorJitter; the op order is a uniform permutation
+    (the argsort of four uniforms); blur σ is uniform in ``aug.blur_sigma``.
     """
-    boxes = [sample_crop_box(height, width, aug.crop_scale, aug.crop_ratio, rng) for _ in range(2)]
+    from .counter_rng import counter_uniforms
+
+    n = len(indices)
+    u_all = counter_uniforms(seed, epoch, indices, 2 * DRAWS_PER_VIEW).reshape(n, 2, DRAWS_PER_VIEW)
     views = []
-    for box, v in zip(boxes, aug.views()):
-        u = rng.random(6)
-        f = rng.random(4)
-        factors = (1 + v.brightness * (2 * f[0] - 1), 1 + v.contrast * (2 * f[1] - 1),
-                   1 + v.saturation * (2 * f[2] - 1), v.hue * (2 * f[3] - 1))
-        order = rng.permutation(4)
-        sigma = aug.blur_sigma[0] + (aug.blur_sigma[1] - aug.blur_sigma[0]) * u[5]
-        views.append((box, u[0] < v.flip_p, u[1] < v.jitter_p, factors, order, u[2] < v.grayscale_p,
-                      u[3] < v.blur_p, sigma, u[4] < v.solarize_p))
-    return tuple(views[0]), tuple(views[1])
-
-
-def stack_draws(per_sample: Sequence[tuple]) -> ViewDraws:
-    """One view's :func:`draw_sample` tuples for a batch, as arrays over samples."""
-    cols = list(zip(*per_sample))
-    return ViewDraws(boxes=np.asarray(cols[0], dtype=np.int64).reshape(-1, 4), flip=np.asarray(cols[1], bool),
-                     jitter=np.asarray(cols[2], bool), factors=np.asarray(cols[3], np.float64).reshape(-1, 4),
-                     order=np.asarray(cols[4], np.int64).reshape(-1, 4), gray=np.asarray(cols[5], bool),
-                     blur=np.asarray(cols[6], bool), sigma=np.asarray(cols[7], np.float64),
-                     solarize=np.asarray(cols[8], bool))
+    for k, v in enumerate(aug.views()):
+        u = u_all[:, k]
+        f = u[:, _FACTORS]
+        spread = np.array([v.brightness, v.contrast, v.saturation, v.hue])
+        factors = spread * (2 * f - 1) + np.array([1.0, 1.0, 1.0, 0.0])
+        lo, hi = aug.blur_sigma
+        views.append(ViewDraws(
+            boxes=crop_boxes(u[:, _TRY].reshape(n, _CROP_TRIES, 4), heights, widths, aug.crop_scale, aug.crop_ratio),
+            flip=u[:, _FLIP] < v.flip_p, jitter=u[:, _JITTER] < v.jitter_p, factors=factors,
+            order=np.argsort(u[:, _ORDER], axis=1, kind="stable").astype(np.int64),
+            gray=u[:, _GRAY] < v.grayscale_p, blur=u[:, _BLUR] < v.blur_p,
+            sigma=lo + (hi - lo) * u[:, _SIGMA], solarize=u[:, _SOLARIZE] < v.solarize_p))
+    return views[0], views[1]
 
 
 def draw_batch(n: int, height: int, width: int, aug: AugmentConfig, seed: int = 0) -> Tuple[ViewDraws, ViewDraws]:
-    """Draws for ``n`` images of one size, image ``i`` from ``default_rng((seed, i))``
-    (tests, benchmarks; the loaders seed by ``(seed, epoch, index)``)."""
-    pairs = [draw_sample(np.random.default_rng((seed, i)), height, width, aug) for i in range(n)]
-    return stack_draws([p[0] for p in pairs]), stack_draws([p[1] for p in pairs])
+    """Draws for images ``0..n-1`` of one size at epoch 0 (tests, benchmarks)."""
+    return draw_samples(np.arange(n), np.full(n, height), np.full(n, width), aug, seed, 0)
 
 
-def two_crops(img, cfg: AugmentConfig, rng: np.random.Generator) -> Tuple[np.ndarray, tuple, tuple]:
-    """Both views' random resized crops of one RGB PIL image, uint8 ``[2, 3, S, S]``, and the
-    two views' draws (:func:`draw_sample`) they were cut with."""
-    width, height = img.size
-    v1, v2 = draw_sample(rng, height, width, cfg)
-    return np.stack([crop_resize(img, v[0], cfg.image_size) for v in (v1, v2)]), v1, v2
+def crop_pair(img, box1, box2, size: int) -> np.ndarray:
+    """Both views' random resized crops of one RGB PIL image, uint8 ``[2, 3, S, S]``."""
+    return np.stack([crop_resize(img, tuple(int(v) for v in b), size) for b in (box1, box2)])
 
 
 def center_view(img, size: int) -> np.ndarray:
@@ -365,7 +378,7 @@ def unnormalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
 
 
 __all__ = [
-    "ViewDraws", "draw_sample", "stack_draws", "draw_batch", "sample_crop_box", "crop_resize", "two_crops",
+    "ViewDraws", "draw_samples", "draw_batch", "crop_boxes", "crop_resize", "crop_pair", "DRAWS_PER_VIEW",
     "center_view", "augment_view", "photometric_view", "crop_resize_batch",
     "augment_pair", "color_jitter", "gaussian_blur", "grayscale", "adjust_hue",
     "normalize", "unnormalize",

@@ -3,7 +3,7 @@
 The loaders cut crops on the host while decoding (:mod:`fastbyol.augment`); a caller holding a
 tensor batch (byol-pytorch's ``learner(images)``, a user's ``Dataset`` of tensors) gets the
 same augmentation here, batched on the images' device: every random choice per image from
-:func:`~fastbyol.augment.draw_sample`, both views' random resized crops in one
+:func:`~fastbyol.augment.draw_samples`, both views' random resized crops in one
 ``grid_sample`` pass (:func:`~fastbyol.augment.crop_resize_batch`), then each view's photometry
 (:func:`~fastbyol.augment.photometric_view`).
 """
@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .augment import crop_resize_batch, draw_sample, photometric_view, stack_draws
+from .augment import crop_resize_batch, draw_samples, photometric_view
 from .config import AugmentConfig
 
 
@@ -25,8 +25,9 @@ class TwoViews:
         cfg: the augmentation (default: BYOL's two views, ImageNet statistics, at 224 px).
         which: ``(0, 1)`` both views; ``(0,)`` or ``(1,)`` only that one (returned alone).
 
-    Random choices: image ``i`` draws from ``numpy.random.default_rng(seeds[i])``; without
-    ``seeds``, from one 63-bit seed taken from torch's generator per call (so
+    Random choices: ``keys = (seed, epoch, indices)`` gives image ``k`` the choices of sample
+    ``indices[k]`` (:func:`~fastbyol.augment.draw_samples`, the loaders' counter-based draws);
+    without ``keys``, a 63-bit seed is taken from torch's generator per call (so
     ``torch.manual_seed`` makes the views reproducible), a host-side draw with no device sync.
 
     Examples:
@@ -40,16 +41,17 @@ class TwoViews:
         self.cfg = cfg or AugmentConfig()
         self.which = tuple(which)
 
-    def draws(self, n: int, height: int, width: int, seeds: Optional[Sequence] = None):
-        if seeds is None:
+    def draws(self, n: int, height: int, width: int, keys: Optional[Tuple[int, int, Sequence[int]]] = None):
+        if keys is None:
             base = int(torch.randint(0, 2 ** 63 - 1, ()).item())  # CPU generator: no device sync
-            seeds = [(base, i) for i in range(n)]
-        pairs = [draw_sample(np.random.default_rng(s), height, width, self.cfg) for s in seeds]
-        return [stack_draws([p[v] for p in pairs]) for v in (0, 1)]
+            keys = (base, 0, range(n))
+        seed, epoch, indices = keys
+        return draw_samples(np.asarray(indices, dtype=np.int64), np.full(n, height), np.full(n, width), self.cfg,
+                            seed, epoch)
 
-    def __call__(self, images: torch.Tensor, seeds: Optional[Sequence] = None):
+    def __call__(self, images: torch.Tensor, keys: Optional[Tuple[int, int, Sequence[int]]] = None):
         n, _, height, width = images.shape
-        draws = self.draws(n, height, width, seeds)
+        draws = self.draws(n, height, width, keys)
         views = self.cfg.views()
         boxes = torch.from_numpy(np.concatenate([draws[v].boxes for v in self.which]))
         x = images if len(self.which) == 1 else images.repeat(len(self.which), 1, 1, 1)

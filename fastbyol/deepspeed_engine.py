@@ -35,11 +35,11 @@ Design (issue #5):
   with ``train.keep_last`` also the numbered copies), and removes the tags no kept checkpoint
   points at. Both are read with ``weights_only=True`` (DeepSpeed's loader is swapped for one). ``--resume DIR`` reads both; ``fastbyol export DIR enc.pt`` reads
   only ``checkpoint.pt``, as for a single-process run.
-* **Replicas** (:mod:`fastbyol.distributed`): SyncBatchNorm with more than one rank on CUDA
-  (``dist.sync_bn``, default on, as the paper); rank 0's online and target parameters and
-  buffers are broadcast at start; without SyncBN, ``checkpoint.pt`` holds the BatchNorm
-  running statistics averaged over ranks, and each rank's own are kept next to DeepSpeed's
-  files, so that a checkpoint does not change the run and a resume continues exactly.
+* **Replicas** (:mod:`fastbyol.distributed`): synchronised BatchNorm with more than one rank
+  (:mod:`fastbyol.sync_batchnorm`; ``dist.sync_bn``, default on, as the paper); rank 0's online
+  and target parameters and buffers are broadcast at start; without SyncBN, ``checkpoint.pt``
+  holds the BatchNorm running statistics averaged over ranks, and each rank's own are kept next
+  to DeepSpeed's files, so that a checkpoint does not change the run and a resume continues exactly.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Data-parallel plumbing: process group, SyncBatchNorm, identical replicas on every rank.
+"""Data-parallel plumbing: process group, synchronised BatchNorm, identical replicas on every rank.
 
 DeepSpeed all-reduces gradients and broadcasts the engine's parameters once, but it never
 touches buffers, and fastbyol's target network is not part of the engine at all. So the
@@ -8,12 +8,12 @@ replicas are made identical here, explicitly:
   (:func:`broadcast_module_state`);
 * parameters then stay identical by construction: the same all-reduced gradients, the same
   optimizer maths, the same EMA;
-* BatchNorm running statistics are identical under SyncBatchNorm (CUDA, ``dist.sync_bn``, the
-  paper's setting). Without it (CPU, where SyncBatchNorm does not run, or ``--dist.sync_bn
-  false``) each rank's follow its own shard; :func:`average_buffers` replaces them by their
-  mean over ranks (timm's ``distribute_bn(reduce=True)``) in every checkpoint, so the saved
-  model is the same whichever rank wrote it (the live ones only at the final checkpoint; see
-  :meth:`fastbyol.deepspeed_engine.DeepSpeedEngine.save`).
+* BatchNorm running statistics are identical under synchronised BatchNorm (``dist.sync_bn``,
+  the paper's setting, on any device: :mod:`fastbyol.sync_batchnorm`). Without it
+  (``--dist.sync_bn false``) each rank's follow its own shard; :func:`average_buffers` replaces
+  them by their mean over ranks (timm's ``distribute_bn(reduce=True)``) in every checkpoint, so
+  the saved model is the same whichever rank wrote it (the live ones only at the final
+  checkpoint; see :meth:`fastbyol.deepspeed_engine.DeepSpeedEngine.save`).
 
 Everything here is plain ``torch.distributed`` and works with any launcher.
 """
@@ -60,22 +60,21 @@ def world_size() -> int:
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device, world: int, enabled: bool,
                            announce: bool = True) -> bool:
-    """Turn every BatchNorm of ``model.online`` and ``model.target`` into SyncBatchNorm.
+    """Turn every BatchNorm of ``model.online`` and ``model.target`` into
+    :class:`~fastbyol.sync_batchnorm.SyncFreeBatchNorm` (statistics over all ranks, per view:
+    one all-reduce per layer, no host sync; any backend, so CPU/gloo runs are synchronised too).
 
-    Only with more than one rank, only when ``enabled``, only on CUDA (SyncBatchNorm has no CPU
-    kernels): elsewhere the statistics stay per rank, with a one-line warning. Returns whether
-    the conversion happened. Module names are unchanged, so the EMA pairing still holds.
+    Only with more than one rank and when ``enabled``. Returns whether the conversion happened.
+    Module names are unchanged, so the EMA pairing still holds. ``device`` and ``announce`` are
+    kept for callers; nothing depends on them any more.
     """
+    from .sync_batchnorm import convert_to_sync_free
+
     if not enabled or world <= 1:
         return False
-    if device.type != "cuda":
-        if announce:
-            log.warning("dist.sync_bn: SyncBatchNorm needs CUDA; on %s each rank normalises with its own "
-                        "batch statistics", device.type)
-        return False
-    model.online = nn.SyncBatchNorm.convert_sync_batchnorm(model.online)
+    model.online = convert_to_sync_free(model.online)
     if getattr(model, "target", None) is not None:
-        model.target = nn.SyncBatchNorm.convert_sync_batchnorm(model.target)
+        model.target = convert_to_sync_free(model.target)
     return True
 
 
@@ -112,6 +111,15 @@ def average_buffers(*modules: Optional[nn.Module]) -> None:
             if b.is_floating_point():
                 tdist.all_reduce(b.data, op=tdist.ReduceOp.SUM)
                 b.data.div_(world)
+
+
+def sum_over_ranks(value: int, device: torch.device) -> int:
+    """``value`` summed over all ranks (a collective and a host sync: call at the end of a run)."""
+    if world_size() <= 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    tdist.all_reduce(t)
+    return int(t.item())
 
 
 def barrier() -> None:

@@ -121,7 +121,14 @@ class BYOL(nn.Module):
     def target_forward(self, x: torch.Tensor, z_online: torch.Tensor) -> torch.Tensor:
         if self.target is None:  # SimSiam: stop-gradient on the online projection
             return z_online.detach()
-        return self.target(x)
+        return self.__dict__.get("_compiled_target", self.target)(x)
+
+    def compile_target(self) -> None:
+        """Run the target's forwards through ``torch.compile`` (``--train.compile``). The
+        compiled wrapper is kept outside the module tree, so state dicts and the EMA pairing
+        still see ``self.target`` itself."""
+        if self.target is not None:
+            self.__dict__["_compiled_target"] = torch.compile(self.target)
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor, online: Optional[nn.Module] = None) -> BYOLOutput:
         """Symmetric BYOL loss of two batches of views. ``online`` overrides ``self.online``

@@ -21,6 +21,7 @@ from .config import Config
 from .backbones import memory_format
 from .data import build_train_loader, resolve_sources
 from .data.eval_views import eval_loader
+from .distributed import sum_over_ranks
 from .engine import LocalEngine
 from .errors import EXIT_CODES, FastByolError
 from .finite import describe_nonfinite, nonfinite_flag, state_tensors
@@ -54,6 +55,7 @@ def resolve_device(name: str, dist: DistInfo) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise FastByolError("--train.device cuda requested but CUDA is not available")
+        torch.backends.cudnn.benchmark = True  # training batches never change shape (always full): tune once
         return torch.device("cuda", dist.local_rank)
     return torch.device(name)
 
@@ -123,6 +125,8 @@ class Trainer:
             self.engine = LocalEngine(self.model.online, opt, self.device, t.precision, cfg.dist.grad_accum, t.compile)
         else:
             self.engine = engine_factory(self.model, cfg, self.device, self.dist)
+        if t.compile:
+            self.model.compile_target()  # the engine compiles the online network
         self.step = 0
         self.knn_random: Optional[float] = None
         self._nonfinite: Optional[torch.Tensor] = None  # set by start_steps
@@ -359,7 +363,7 @@ class Trainer:
             "steps": self.step, "epochs": self.step / self.steps_per_epoch, "seconds": elapsed,
             "images_per_s": (self.step - step_start) * t.batch_size / max(elapsed, 1e-9),
             "knn_top1": last_knn, "knn_top1_random_init": self.knn_random,
-            "skipped_files": self.loader.skipped, "checkpoint": self.ckpt_path,
+            "skipped_files": sum_over_ranks(self.loader.skipped, self.device), "checkpoint": self.ckpt_path,
         }
         plot = self.monitor.close()
         summary["curves"] = plot

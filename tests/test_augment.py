@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastbyol.augment import (augment_pair, augment_view, draw_batch, draw_sample, gaussian_blur, sample_crop_box,
-                              two_crops, unnormalize)
+from fastbyol.augment import (DRAWS_PER_VIEW, augment_pair, augment_view, crop_boxes, crop_pair, draw_batch,
+                              draw_samples, gaussian_blur, unnormalize)
 from fastbyol.config import AugmentConfig, ViewConfig, preset
 
 N = 2000  # samples per frequency estimate: binomial std <= 0.011
@@ -111,11 +111,44 @@ def test_draws_layout_does_not_depend_on_the_configuration():
     """Each probability has its own uniform draw: switching one op off changes no other choice."""
     paper = AugmentConfig()
     no_flip = AugmentConfig(view1=ViewConfig(flip_p=0.0), view2=ViewConfig(flip_p=0.0, blur_p=0.1, solarize_p=0.2))
-    a = draw_sample(np.random.default_rng(5), 40, 50, paper)
-    b = draw_sample(np.random.default_rng(5), 40, 50, no_flip)
+    a = draw_samples(np.arange(64), np.full(64, 40), np.full(64, 50), paper, 5, 0)
+    b = draw_samples(np.arange(64), np.full(64, 40), np.full(64, 50), no_flip, 5, 0)
     for va, vb in zip(a, b):
-        assert va[0] == vb[0] and not vb[1]  # same box; no flip
-        assert va[2] == vb[2] and va[3] == vb[3] and np.array_equal(va[4], vb[4]) and va[5:] == vb[5:]
+        assert np.array_equal(va.boxes, vb.boxes) and not vb.flip.any() and va.flip.any()
+        for name in ("jitter", "factors", "order", "gray", "sigma"):
+            assert np.array_equal(getattr(va, name), getattr(vb, name)), name
+    assert np.array_equal(a[0].blur, b[0].blur) and np.array_equal(a[0].solarize, b[0].solarize)
+
+
+def test_draws_are_a_function_of_seed_epoch_and_index_alone():
+    """Whichever batch (or rank, or loader) draws image i, with whichever neighbours, it gets the
+    same choices; another epoch or seed gives others."""
+    cfg = AugmentConfig()
+    idx = np.array([7, 3, 11, 0, 5])
+    h, w = np.array([40, 50, 60, 70, 80]), np.array([90, 50, 40, 70, 33])
+    whole = draw_samples(idx, h, w, cfg, 2, 4)
+    for k in range(len(idx)):
+        alone = draw_samples(idx[k:k + 1], h[k:k + 1], w[k:k + 1], cfg, 2, 4)
+        for a, b in zip(whole, alone):
+            for name in a.__dataclass_fields__:
+                assert np.array_equal(getattr(a, name)[k:k + 1], getattr(b, name)), name
+    other_epoch, other_seed = draw_samples(idx, h, w, cfg, 2, 5), draw_samples(idx, h, w, cfg, 3, 4)
+    assert not np.array_equal(whole[0].boxes, other_epoch[0].boxes)
+    assert not np.array_equal(whole[0].factors, other_seed[0].factors)
+
+
+def test_counter_uniforms_are_uniform_and_independent():
+    from fastbyol.counter_rng import counter_uniforms
+
+    u = counter_uniforms(0, 0, np.arange(4000), 2 * DRAWS_PER_VIEW)
+    assert u.min() >= 0 and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.002 and abs(u.var() - 1 / 12) < 0.001
+    assert np.histogram(u, bins=10, range=(0, 1))[0].min() > 0.09 * u.size
+    c = np.corrcoef(np.stack([u[:-1, 0], u[1:, 0], u[:-1, 1], u[:-1, 2]]))  # neighbouring indices, counters
+    assert np.abs(c[np.triu_indices(4, 1)]).max() < 0.05
+    perms = draw_batch(4000, 32, 32, AugmentConfig())[0].order
+    counts = np.unique(perms, axis=0, return_counts=True)[1]
+    assert len(counts) == 24 and counts.min() > 4000 / 24 * 0.7  # every jitter order, about equally often
 
 
 def test_gaussian_blur_matches_dense_reference():
@@ -134,22 +167,27 @@ def test_gaussian_blur_matches_dense_reference():
 
 def test_crop_box_scale_and_ratio():
     rng = np.random.default_rng(0)
-    areas, ratios = [], []
-    for _ in range(2000):
-        top, left, h, w = sample_crop_box(375, 500, (0.08, 1.0), (3 / 4, 4 / 3), rng)
-        assert 0 <= top and top + h <= 375 and 0 <= left and left + w <= 500
-        areas.append(h * w / (375 * 500))
-        ratios.append(w / h)
-    assert 0.07 <= min(areas) and max(areas) <= 1.0 and 0.35 < np.mean(areas) < 0.55  # rejection of oversize boxes lowers it from 0.54
-    assert min(ratios) >= 0.74 and max(ratios) <= 1.34
+    n = 2000
+    top, left, h, w = crop_boxes(rng.random((n, 10, 4)), np.full(n, 375), np.full(n, 500),
+                                 (0.08, 1.0), (3 / 4, 4 / 3)).T
+    assert (top >= 0).all() and (top + h <= 375).all() and (left >= 0).all() and (left + w <= 500).all()
+    areas, ratios = h * w / (375 * 500), w / h
+    assert 0.07 <= areas.min() and areas.max() <= 1.0 and 0.35 < areas.mean() < 0.55  # rejection of oversize boxes lowers it from 0.54
+    assert ratios.min() >= 0.74 and ratios.max() <= 1.34
+    # No try fits (uniforms asking for the whole area at an extreme ratio): the centred fallback.
+    u = np.zeros((3, 10, 4))
+    u[..., 0] = 1.0
+    boxes = crop_boxes(u, np.array([10, 100, 50]), np.array([100, 10, 50]), (1.0, 1.0), (3 / 4, 4 / 3))
+    assert boxes.tolist() == [[0, 43, 10, 13], [43, 0, 13, 10], [0, 0, 50, 50]]  # cut to ratio 4:3 / 3:4, or whole
 
 
 def test_two_crops_differ_and_have_the_configured_size():
     from PIL import Image
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
-    crops, v1, v2 = two_crops(img, preset("smoke").augment, np.random.default_rng(1))
-    assert v1[0] != v2[0]  # the two views' boxes, drawn first by draw_sample
+    v1, v2 = draw_samples([0], [40], [50], preset("smoke").augment, 1, 0)
+    assert not np.array_equal(v1.boxes, v2.boxes)
+    crops = crop_pair(img, v1.boxes[0], v2.boxes[0], 16)
     assert crops.shape == (2, 3, 16, 16) and crops.dtype == np.uint8
     assert not np.array_equal(crops[0], crops[1])
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from fastbyol.augment import crop_resize, draw_sample, gaussian_blur, grayscale, normalize, unnormalize  # noqa: E402
+from fastbyol.augment import crop_resize, draw_samples, gaussian_blur, grayscale, normalize, unnormalize  # noqa: E402
 from fastbyol.config import AugmentConfig, ViewConfig, preset  # noqa: E402
 from fastbyol.data.dali import DaliTwoViewLoader, import_dali  # noqa: E402
 from fastbyol.data.dali_params import hue_rotation, jitter_matrices  # noqa: E402
@@ -109,6 +109,17 @@ def test_epoch_length_drops_the_partial_batch(tmp_path):
 
 # ----------------------------------------------------------------------------- exactness
 
+def draws_of(i, img, aug, seed, epoch):
+    """Image ``i``'s draws, made for it alone (the loaders draw whole batches)."""
+    return draw_samples([i], [img.size[1]], [img.size[0]], aug, seed, epoch)
+
+
+def one_sample(d):
+    """A one-sample :class:`ViewDraws` as ``(box, flip, jitter, factors, order, gray, blur, sigma, solarize)``."""
+    return (tuple(int(v) for v in d.boxes[0]), bool(d.flip[0]), bool(d.jitter[0]), tuple(d.factors[0]),
+            d.order[0].tolist(), bool(d.gray[0]), bool(d.blur[0]), float(d.sigma[0]), bool(d.solarize[0]))
+
+
 def reference_view(img, draw, aug):
     """One view recomputed in torch from the host draws, op by op (jitter in the drawn order,
     clamped once after it, as the DALI path documents)."""
@@ -147,7 +158,7 @@ def test_every_op_matches_a_per_sample_reference(tmp_path):
     for batch in dl:
         for j, i in enumerate(dl.last_indices.tolist()):
             img = Image.open(src.files[i]).convert("RGB")
-            draws = draw_sample(np.random.default_rng((seed, epoch, i)), img.size[1], img.size[0], aug)
+            draws = [one_sample(d) for d in draws_of(i, img, aug, seed, epoch)]
             for out, draw in zip((batch.view1[j], batch.view2[j]), draws):
                 errors.append((out - reference_view(img, draw, aug)).abs())
                 seen.update(k for k, on in zip(("flip", "jitter", "gray", "blur", "sol"),
@@ -174,7 +185,7 @@ def test_jitter_composition_is_identity_when_off_and_hue_third_turn_permutes():
     (dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.0), 0.02),
 ])
 def test_views_match_the_torch_path_sample_by_sample(tmp_path, ops, tol):
-    """Both paths draw every choice from draw_sample: the same seed gives the same views, image
+    """Both paths draw every choice from draw_samples: the same seed gives the same views, image
     by image (up to resampling, and the clamping of DALI's composed jitter)."""
     src = smooth_folder(tmp_path / "d", n=16)
     aug = AugmentConfig(image_size=24, view1=only(**ops), view2=only(**ops))
@@ -333,7 +344,7 @@ def _encode(img, fmt, **kw):
     return buf.getvalue()
 
 
-def test_bad_files_are_skipped_counted_and_the_rest_decoded(tmp_path, caplog):
+def test_bad_files_are_replaced_counted_and_the_rest_decoded(tmp_path, caplog):
     folder = make_image_folder(tmp_path / "d", classes=1, per_class=13, size=(40, 48))
     d = tmp_path / "d" / "class0"
     rgb = Image.open(d / "000.jpg").convert("RGB")
@@ -356,13 +367,13 @@ def test_bad_files_are_skipped_counted_and_the_rest_decoded(tmp_path, caplog):
     dl = loader(src, aug, 4)
     with caplog.at_level("WARNING", logger="fastbyol.data"):
         batches = list(dl)
-    assert sum(b.view1.shape[0] for b in batches) == 17
+    assert [b.view1.shape[0] for b in batches] == [4] * 5  # never a shrunken batch
     assert all(torch.isfinite(b.view1).all() and torch.isfinite(b.view2).all() for b in batches)
     assert dl.skipped == 3
     assert {os.path.basename(f) for f in dl.bad_files} == {"corrupt.jpg", "truncated.jpg", "bogus_huffman.jpg"}
-    assert "skipped" in caplog.text
-    dl.set_epoch(1)  # known-bad files are skipped without another pipeline failure, and counted again
-    assert sum(b.view1.shape[0] for b in dl) == 17 and dl.skipped == 6
+    assert "replaced" in caplog.text
+    dl.set_epoch(1)  # known-bad files are replaced without another pipeline failure, and counted again
+    assert [b.view1.shape[0] for b in dl] == [4] * 5 and dl.skipped == 6
 
 
 # ----------------------------------------------------------------------------- GPU mode

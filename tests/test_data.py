@@ -1,4 +1,6 @@
 """Sources (folders, CIFAR batches, hold-out split) and the torch two-view loader."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -103,15 +105,28 @@ def test_resume_position_replays_the_same_batches(tmp_path):
         assert torch.equal(a.view1, b.view1) and torch.equal(a.view2, b.view2)
 
 
-def test_corrupt_and_truncated_files_are_skipped_and_counted(tmp_path):
+def test_corrupt_and_truncated_files_are_replaced_and_counted(tmp_path):
     folder = make_image_folder(tmp_path / "d", classes=1, per_class=6)
     add_bad_files(tmp_path / "d" / "class0")
     src = scan_image_folder(folder)
     assert len(src) == 8
     loader = _loader(src, 4)
     sizes = [b.view1.shape[0] for b in loader]
-    assert sum(sizes) == 6 and loader.skipped == 2
-    assert any("corrupt.jpg" in f for f in loader.bad_files)
+    assert sizes == [4, 4] and loader.skipped == 2  # full batches: the bad files' places are filled
+    assert {os.path.basename(f) for f in loader.bad_files} == {"corrupt.jpg", "truncated.jpg"}
+
+
+def test_substitute_is_the_next_readable_sample_whatever_the_loader_state(tmp_path):
+    from fastbyol.data.substitute import NoReadableImage, Substitutes
+
+    readable = {2, 5}
+    sub = Substitutes(7)
+    load = lambda j: f"img{j}" if j in readable else None  # noqa: E731
+    assert sub.resolve(3, load) == (5, "img5") and sub.bad == {3, 4}
+    assert sub.resolve(6, load) == (2, "img2")  # wraps around the end of the data set
+    assert Substitutes(7).resolve(6, load) == (2, "img2")  # same answer without the memory
+    with pytest.raises(NoReadableImage, match="no readable image in the data set: all 3 files"):
+        Substitutes(3).resolve(1, lambda j: None)
 
 
 def test_batch_larger_than_dataset(tmp_path):
@@ -133,3 +148,11 @@ def test_cpu_workers_augment_the_same_views_as_the_main_process(tmp_path):
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         assert torch.equal(x.view1, y.view1) and torch.equal(x.view2, y.view2) and torch.equal(x.labels, y.labels)
+
+
+def test_views_leave_the_loader_in_the_training_dtype_on_cuda_only():
+    from fastbyol.data import view_dtype
+
+    cuda = torch.device("cuda", 0)
+    assert view_dtype("bf16", cuda) == torch.bfloat16 and view_dtype("fp16", cuda) == torch.float16
+    assert view_dtype("fp32", cuda) == torch.float32 and view_dtype("bf16", CPU) == torch.float32

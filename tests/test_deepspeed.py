@@ -1,7 +1,7 @@
 """DeepSpeed on CPU (gloo): config checks, the adapter's step logic, and real two-process runs.
 
 The multi-process tests launch 2 ranks through ``torchrun`` and the ``deepspeed`` launcher.
-What a CPU cannot test: NCCL, SyncBatchNorm's forward (CUDA-only; the conversion is tested),
+What a CPU cannot test: NCCL (synchronised BatchNorm runs on gloo: tests/test_sync_batchnorm.py),
 DeepSpeed's own fp16 mode (refused on CPU, and refused by fastbyol anyway: fp16 runs as torch
 autocast + DeepSpeed's GradScaler, which does run on CPU and is tested with a real overflow).
 """
@@ -145,22 +145,20 @@ def _tiny_byol():
     return BYOL("convnet4", projector_hidden=16, predictor_hidden=16, projection_dim=8, loss_fn=lambda *a: 0)
 
 
-def test_sync_bn_converts_online_and_target_on_cuda_only(caplog):
+def test_sync_bn_converts_online_and_target_on_any_device():
     from fastbyol.distributed import convert_sync_batchnorm
+    from fastbyol.sync_batchnorm import SyncFreeBatchNorm
 
     model = _tiny_byol()
     names = [n for n, _ in model.target.named_parameters()]
-    with caplog.at_level(logging.WARNING, logger="fastbyol"):
-        assert convert_sync_batchnorm(model, torch.device("cpu"), 2, True) is False
-    assert "SyncBatchNorm needs CUDA" in caplog.text and len(caplog.records) == 1
-    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
-    assert convert_sync_batchnorm(model, torch.device("cuda"), 1, True) is False  # one rank
-    assert convert_sync_batchnorm(model, torch.device("cuda"), 2, False) is False  # --dist.sync_bn false
-    # Module surgery only (no CUDA needed): every BatchNorm of both networks, names unchanged.
-    assert convert_sync_batchnorm(model, torch.device("cuda"), 2, True) is True
+    assert convert_sync_batchnorm(model, torch.device("cpu"), 1, True) is False  # one rank
+    assert convert_sync_batchnorm(model, torch.device("cpu"), 2, False) is False  # --dist.sync_bn false
+    assert not any(isinstance(m, SyncFreeBatchNorm) for m in model.modules())
+    # Every BatchNorm of both networks, names unchanged; CPU (gloo) included.
+    assert convert_sync_batchnorm(model, torch.device("cpu"), 2, True) is True
     for net in (model.online, model.target):
         bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        assert bns and all(isinstance(m, nn.SyncBatchNorm) for m in bns)
+        assert bns and all(isinstance(m, SyncFreeBatchNorm) for m in bns)
     assert [n for n, _ in model.target.named_parameters()] == names
     assert not any(p.requires_grad for p in model.target.parameters())
     model.ema("none", "torch").update(0.5)  # online/target still pair by name
@@ -282,7 +280,10 @@ def test_two_ranks_with_accumulation_match_one_process_and_each_other(data_dir, 
     from fastbyol.cli import build_parser, resolve_config
     from fastbyol.trainer import DistInfo
 
-    args = smoke(data_dir, tmp_path / "ds", "--max-steps", "3", "--dist.grad_accum", "2", "--train.keep_last", "1")
+    # Per-rank BatchNorm statistics (no sync): then a rank's micro-batch normalises exactly as
+    # the single process's accumulation micro-batch does.
+    args = smoke(data_dir, tmp_path / "ds", "--max-steps", "3", "--dist.grad_accum", "2", "--dist.sync_bn", "false",
+                 "--train.keep_last", "1")
     _launch(torchrun(WORKER, str(tmp_path), *args))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     # Every rank holds the same online and target network, parameters and buffers.

@@ -135,3 +135,26 @@ def test_imagenet_stem_at_32px_stays_contiguous_on_cpu_and_knn_inputs_follow():
     assert memory_format_of(build_model(cfg, torch.device("cpu")).online.encoder) == torch.channels_last
     cfg.train.channels_last = "off"
     assert memory_format_of(build_model(cfg, torch.device("cpu")).online.encoder) == torch.contiguous_format
+
+
+def test_compile_target_routes_target_forwards_and_keeps_state_dict(monkeypatch):
+    """--train.compile: the target's forwards go through torch.compile, its state dict and the
+    EMA pairing are unchanged (the compiled wrapper is not a submodule)."""
+    from fastbyol.model import BYOL
+
+    calls = []
+
+    def fake_compile(module):
+        def run(x):
+            calls.append(x.shape)
+            return module(x)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = BYOL("convnet4", projector_hidden=16, predictor_hidden=16, projection_dim=8, loss_fn=lambda *a: a[0].sum())
+    keys = list(model.state_dict())
+    model.compile_target()
+    x = torch.randn(4, 3, 16, 16)
+    model(x, x)
+    assert len(calls) == 2 and list(model.state_dict()) == keys
+    model.update_target(0.5, backend="torch")

@@ -157,4 +157,4 @@ def test_all_images_unreadable(tmp_path, capsys):
     for i in range(20):
         (d / f"{i}.jpg").write_bytes(b"not a jpeg")
     code, err = _error(capsys, smoke_args(str(tmp_path / "bad"), tmp_path / "run"))
-    assert code == 2 and "no trainable batch" in err
+    assert code == 2 and "no readable image in the data set" in err and len(err.splitlines()) == 1

@@ -174,18 +174,18 @@ class BYOL(nn.Module):
         with self._size_errors(v1):
             return self.model(v1, v2).loss
 
-    def views(self, x: torch.Tensor, seeds=None):
+    def views(self, x: torch.Tensor, keys=None):
         """The two augmented views of ``x`` (the default ones from one batched pass)."""
         if self.augment1 is None and self.augment2 is None:
-            return self.default_views(x, seeds)
-        v1 = self.augment1(x) if self.augment1 is not None else TwoViews(self.default_views.cfg, (0,))(x, seeds)
-        v2 = self.augment2(x) if self.augment2 is not None else TwoViews(self.default_views.cfg, (1,))(x, seeds)
+            return self.default_views(x, keys)
+        v1 = self.augment1(x) if self.augment1 is not None else TwoViews(self.default_views.cfg, (0,))(x, keys)
+        v2 = self.augment2(x) if self.augment2 is not None else TwoViews(self.default_views.cfg, (1,))(x, keys)
         return v1, v2
 
-    def training_views(self, x: torch.Tensor, seeds=None):
+    def training_views(self, x: torch.Tensor, keys=None):
         """:meth:`views` after the input checks (the trainer's data path calls this)."""
         self._check_images(x)
-        return self.views(x, seeds)
+        return self.views(x, keys)
 
     @torch.no_grad()
     def update_moving_average(self) -> None:

@@ -55,6 +55,15 @@ def choose_loader(requested: str, device: torch.device) -> str:
     return requested
 
 
+def view_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The views' dtype: on CUDA the training precision (half the bytes; DALI writes float16
+    itself, bfloat16 is one cast), so the first convolution does not cast them again under
+    autocast; float32 on CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
 def build_train_loader(cfg: Config, source: ImageSource, device: torch.device, micro_batch: int,
                        rank: int = 0, world_size: int = 1) -> TwoViewLoader:
     """The training loader named by ``cfg.data.loader`` (``auto|torch|dali``)."""
@@ -62,7 +71,8 @@ def build_train_loader(cfg: Config, source: ImageSource, device: torch.device, m
     from ..backbones import memory_format
 
     kwargs = dict(seed=cfg.train.seed, rank=rank, world_size=world_size, workers=cfg.data.workers,
-                  channels_last=memory_format(cfg, device) == torch.channels_last)
+                  channels_last=memory_format(cfg, device) == torch.channels_last,
+                  out_dtype=view_dtype(cfg.train.precision, device))
     if kind == "dali":
         from .dali import DaliTwoViewLoader
 

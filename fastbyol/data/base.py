@@ -25,7 +25,9 @@ class TwoViewLoader(Protocol):
     * ``len(loader)``: optimizer steps per epoch for this rank (full batches only).
     * ``set_epoch(epoch, start_step)``: the next ``iter`` yields epoch ``epoch`` from its
       batch ``start_step`` on (exact resume); shuffling is a function of (seed, epoch).
-    * ``skipped``: number of unreadable files met so far (counted, logged, never fatal).
+    * ``skipped``: number of samples so far replaced by a stand-in because their file is
+      unreadable (:mod:`~fastbyol.data.substitute`; counted, logged, never fatal). Batches are
+      always full, so every rank runs the same number of equal-sized micro-batches.
     """
 
     batch_size: int  # per-rank micro-batch

@@ -1,8 +1,8 @@
 """The DALI data path: decoding and both BYOL views on the GPU (or DALI's CPU backend).
 
 Design: **the host draws, DALI computes.** A Python feeder hands DALI each batch as encoded
-bytes (or CIFAR pixels) *plus every random parameter of both views*, drawn per sample from
-``np.random.default_rng((seed, epoch, index))``; the pipeline itself holds no random operator.
+bytes (or CIFAR pixels) *plus every random parameter of both views*, drawn per sample as a
+function of ``(seed, epoch, index)`` (:func:`fastbyol.augment.draw_samples`); the pipeline itself holds no random operator.
 This buys three things DALI's own readers and ``fn.random.*`` cannot give:
 
 * **Exact resume.** Sample order is :class:`~fastbyol.data.torch_loader.EpochShardSampler`'s
@@ -15,21 +15,22 @@ This buys three things DALI's own readers and ``fn.random.*`` cannot give:
   that advance through the run (a shuffle buffer, or ``shuffle_after_epoch``; per-operator
   RNGs): reaching epoch ``e`` step ``k`` means replaying the run or saving DALI's own
   checkpoint blob next to ours, and the order would differ from the torch path's.
-* **The torch path's choices.** The draws are :func:`fastbyol.augment.draw_sample`'s, the
+* **The torch path's choices.** The draws are :func:`fastbyol.augment.draw_samples`', the
   torch path's, so for the same seed both paths cut the same windows and make the same flip,
   jitter, grayscale, blur and solarisation choices for every image; DALI resizes with
   antialiased bicubic filtering (within 1 grey level of PIL's).
 * **Bad files never stop a run.** The feeder reads each file and checks it cheaply (frame
-  header, JPEG end-of-image / PNG ``IEND`` marker: :func:`~fastbyol.data.image_check.check_encoded`); unreadable files are
-  skipped, counted (:attr:`DaliTwoViewLoader.skipped`) and logged, and the batch shrinks, as
-  on the torch path.
+  header, JPEG end-of-image / PNG ``IEND`` marker: :func:`~fastbyol.data.image_check.check_encoded`); an
+  unreadable file is replaced by the next readable sample (:mod:`~fastbyol.data.substitute`, as
+  on the torch path), counted (:attr:`DaliTwoViewLoader.skipped`) and logged: batches never
+  shrink, so ranks stay in step.
   A file that passes the check and still fails in DALI's decoder (a corrupt Huffman table, say)
   aborts the pipeline; the loader then decodes the batches in flight one file at a time,
   blacklists the culprit and rebuilds the pipeline at the same step (identical batches, since
   nothing is random inside it).
 
 Per view, in the torch path's order (:func:`fastbyol.augment.augment_view`), every choice per
-sample (from :func:`fastbyol.augment.draw_sample`, turned into pipeline inputs by
+sample (from :func:`fastbyol.augment.draw_samples`, turned into pipeline inputs by
 :mod:`fastbyol.data.dali_params`); parameters from
 :class:`~fastbyol.config.AugmentConfig`:
 
@@ -70,6 +71,8 @@ Examples:
 from __future__ import annotations
 
 import logging
+import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set
@@ -77,13 +80,14 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set
 import numpy as np
 import torch
 
-from ..augment import GRAY_WEIGHTS, draw_sample, stack_draws
+from ..augment import GRAY_WEIGHTS, draw_samples
 from ..config import AugmentConfig, ViewConfig
 from ..errors import FastByolError
 from .base import TwoViewBatch
 from .dali_params import VIEW_COLUMNS, dali_columns, view_columns
 from .image_check import check_encoded
 from .image_source import ImageSource, read_encoded
+from .substitute import SUBSTITUTED_MSG, NoReadableImage, Substitutes
 from .torch_loader import EpochShardSampler
 
 log = logging.getLogger("fastbyol.data")
@@ -92,6 +96,16 @@ DALI_MISSING = ("--loader dali needs NVIDIA DALI: pip install 'fastbyol[dali]' "
                 "(nvidia-dali-cuda130, or nvidia-dali-cuda120 for CUDA 12)")
 
 _SOLARIZE_AT = 127.5  # x/255 >= 0.5, the torch path's threshold
+SLOW_READ_S = 200e-6  # a file read slower than this (not from the page cache) goes to the read threads
+_PROBE_READS = 4  # reads timed per batch to tell
+
+
+def cores_per_rank() -> int:
+    """The CPU cores this process may use, shared among the node's ranks (``LOCAL_WORLD_SIZE``
+    from torchrun, ``LOCAL_SIZE`` from the DeepSpeed launcher): DALI's thread count by default."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    return max(1, cores // max(1, local))
 
 
 def import_dali():
@@ -110,9 +124,10 @@ def import_dali():
 @dataclass
 class FedBatch:
     step: int
-    indices: np.ndarray  # sample indices that made it into the batch
-    bad: List[int]  # sample indices skipped
-    columns: Optional[List[list]]  # pipeline inputs; None when every sample was bad
+    indices: np.ndarray  # the samples fed (stand-ins in place of unreadable ones)
+    bad: List[int]  # the batch's positions' samples that were replaced
+    columns: Optional[List[list]]  # pipeline inputs; None when no sample of the data set is readable
+    error: str = ""  # why columns is None
 
 
 class TwoViewFeeder:
@@ -120,21 +135,27 @@ class TwoViewFeeder:
 
     Called by DALI (``fn.external_source(source=feeder, batch=True)``) once per batch; raises
     ``StopIteration`` after the epoch's last full batch. Batches are prepared ``lookahead``
-    steps ahead on a background thread (file reads, header checks, the draws), so the
-    training thread rarely waits.
+    steps ahead on a background thread (the draws, the columns); when file reads are slow
+    (a network file system), they and the header checks run on ``read_threads`` more threads,
+    so the training thread rarely waits and ~1 ms reads overlap (``benchmarks/bench_feeder.py``).
     """
 
     def __init__(self, source: ImageSource, aug: AugmentConfig, batch_size: int, seed: int, rank: int,
-                 world_size: int, lookahead: int = 3):
+                 world_size: int, lookahead: int = 3, read_threads: int = 16):
         self.source, self.aug, self.batch_size, self.seed = source, aug, batch_size, seed
         self.sampler = EpochShardSampler(len(source), batch_size, seed, rank, world_size)
         self.lookahead = lookahead
-        self.known_bad: Set[int] = set()
+        self.substitutes = Substitutes(len(source), self.path)
+        self.known_bad: Set[int] = self.substitutes.bad  # unreadable, or rejected by DALI's decoder
+        self.error = ""  # set when no sample can be read; the loader raises it
         self.epoch, self.next_step, self.order = 0, 0, np.zeros(0, np.int64)
         self.reported_upto = -1  # last step whose bad files were reported
         self.in_flight: List[FedBatch] = []  # fed to DALI, not yet consumed, oldest first
         self.on_bad: Callable[[List[int]], None] = lambda bad: None
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self.read_threads = read_threads
+        self.read: Callable[[ImageSource, int], bytes] = read_encoded  # swappable (the benchmark's slow reader)
+        self._pool: Optional[ThreadPoolExecutor] = None  # prepares batches ahead, in order
+        self._readers: Optional[ThreadPoolExecutor] = None  # reads files for the batch being prepared
         self._pending: Dict[int, Future] = {}
 
     def steps_per_epoch(self) -> int:
@@ -160,9 +181,11 @@ class TwoViewFeeder:
             if fed.bad and fed.step > self.reported_upto:
                 self.on_bad(fed.bad)
             self.reported_upto = max(self.reported_upto, fed.step)
-            if fed.columns is not None:  # a batch with no readable file is not fed at all
-                self.in_flight.append(fed)
-                return fed.columns
+            if fed.columns is None:  # no readable file at all: the loader raises the error
+                self.error = fed.error
+                raise StopIteration
+            self.in_flight.append(fed)
+            return fed.columns
 
     def consumed(self) -> FedBatch:
         """Mark the oldest fed batch as delivered; returns it."""
@@ -170,9 +193,10 @@ class TwoViewFeeder:
 
     def close(self) -> None:
         self._drop_pending()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+        for pool in (self._pool, self._readers):
+            if pool is not None:
+                pool.shutdown(wait=False)
+        self._pool = self._readers = None
 
     # -- preparation
 
@@ -191,38 +215,60 @@ class TwoViewFeeder:
 
     def prepare(self, order: np.ndarray, epoch: int, step: int) -> FedBatch:
         """Read, check and draw for batch ``step`` of ``order`` (this rank's sample order in
-        ``epoch``): a pure function of its arguments and the known-bad set."""
+        ``epoch``): a pure function of its arguments and the files. Files are read and checked
+        by ``read_threads`` threads (reads release the GIL, so they overlap on a network file
+        system); the draws are one vectorised call for the batch; each column is one array."""
         b = self.batch_size
         idx = order[step * b:(step + 1) * b]
-        images, good, bad, draws = [], [], [], []
-        for i in idx.tolist():
-            item = self._load(i)
-            if item is None:
-                bad.append(i)
-                continue
-            image, (height, width) = item
-            images.append(image)
-            good.append(i)
-            draws.append(draw_sample(np.random.default_rng((self.seed, epoch, i)), height, width, self.aug))
-        if not good:
-            return FedBatch(step, np.zeros(0, np.int64), bad, None)
-        good_idx = np.asarray(good, dtype=np.int64)
-        labels = list(self.source.labels[good_idx].astype(np.int64).reshape(-1, 1))
-        v1, v2 = stack_draws([d[0] for d in draws]), stack_draws([d[1] for d in draws])
+        src = self.source
+        bad: List[int] = []
+        if src.array is not None:  # decoded pixels (CIFAR): nothing to read or check
+            images, fed = src.array[idx], idx
+            heights, widths = np.full(len(idx), images.shape[1]), np.full(len(idx), images.shape[2])
+        else:
+            items = self._read_all(idx.tolist())
+            fed = idx.copy()
+            for k, i in enumerate(idx.tolist()):
+                if items[k] is None:  # unreadable: the next readable sample stands in
+                    self.substitutes.bad.add(i)
+                    try:
+                        fed[k], items[k] = self.substitutes.resolve(i, self._load)
+                    except NoReadableImage as e:
+                        return FedBatch(step, np.zeros(0, np.int64), [], None, str(e))
+                    bad.append(i)
+            images = [data for data, _ in items]
+            heights, widths = np.array([size for _, size in items]).reshape(-1, 2).T
+        labels = src.labels[fed].astype(np.int64).reshape(-1, 1)
+        v1, v2 = draw_samples(idx, heights, widths, self.aug, self.seed, epoch)
         k = self.aug.blur_kernel_size
         cols = dali_columns(v1, view_columns(self.aug.view1), k) + dali_columns(v2, view_columns(self.aug.view2), k)
-        return FedBatch(step, good_idx, bad, [images, labels] + cols)
+        return FedBatch(step, fed, bad, [images, labels] + cols)
+
+    def _read_all(self, indices: List[int]) -> list:
+        """:meth:`_load` of every index (``None`` for known-bad ones). The first few are read
+        here, timed: reads faster than :data:`SLOW_READ_S` (page cache) go on here, since
+        threads would only contend for the GIL; slower ones (a network file system) go to
+        ``read_threads`` threads in chunks, so their waits overlap."""
+        def load_chunk(chunk):
+            return [None if i in self.known_bad else self._load(i) for i in chunk]
+
+        t0 = time.perf_counter()
+        head = load_chunk(indices[:_PROBE_READS])
+        rest = indices[_PROBE_READS:]
+        per_read = (time.perf_counter() - t0) / max(1, len(head))
+        n = min(self.read_threads, len(rest))
+        if n <= 1 or per_read < SLOW_READ_S:
+            return head + load_chunk(rest)
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(self.read_threads, thread_name_prefix="fastbyol-dali-read")
+        step = -(-len(rest) // n)
+        chunks = [rest[k:k + step] for k in range(0, len(rest), step)]
+        return head + [item for part in self._readers.map(load_chunk, chunks) for item in part]
 
     def _load(self, i: int):
-        """``(pixels or encoded bytes, (h, w))`` of sample ``i``; ``None`` when unreadable."""
-        src = self.source
-        if src.array is not None:
-            img = src.array[i]
-            return img, img.shape[:2]
-        if i in self.known_bad:
-            return None
+        """``(encoded bytes, (h, w))`` of sample ``i``; ``None`` when unreadable."""
         try:
-            data = read_encoded(src, i)
+            data = self.read(self.source, i)
         except OSError:
             return None
         size = check_encoded(data)
@@ -308,10 +354,14 @@ def byol_two_view_pipeline(source: Callable, aug: AugmentConfig, batch_size: int
         cols = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, dtype=dtypes)
         images, labels = cols[0], cols[1]
         if encoded:
-            decoder_device = "mixed" if dev == "gpu" else "cpu"
-            images = fn.decoders.image(images, device=decoder_device, output_type=types.RGB,
+            # GPU: nvJPEG's memory padding and preallocation as DALI's ResNet-50 example, so its
+            # buffers are sized once instead of regrown for every larger image.
+            hints = dict(device_memory_padding=211025920, host_memory_padding=140544512,
+                         preallocate_width_hint=5980, preallocate_height_hint=6430) if dev == "gpu" else {}
+            images = fn.decoders.image(images, device="mixed" if dev == "gpu" else "cpu", output_type=types.RGB,
                                        adjust_orientation=False,  # PIL (the torch path) ignores EXIF too
-                                       jpeg_fancy_upsampling=True)  # the CPU decoder's (and PIL's) chroma
+                                       jpeg_fancy_upsampling=True,  # the CPU decoder's (and PIL's) chroma
+                                       **hints)
         else:
             images = fn.reshape(images, layout="HWC")
             if dev == "gpu":
@@ -342,7 +392,9 @@ class DaliTwoViewLoader:
         device: CUDA → GPU mode on ``device.index``; CPU → DALI's CPU backend.
         seed: shuffling and augmentation seed (the same streams as the torch path).
         rank, world_size: this rank's shard of each epoch's permutation.
-        workers: DALI CPU threads.
+        workers: DALI's CPU threads (decoding on the CPU backend, CPU operators); 0: the CPU
+            cores per rank on this node (:func:`cores_per_rank`). The feeder reads files on
+            its own 16 threads either way.
         channels_last: views in channels-last memory format.
         out_dtype: float32, float16 (produced by DALI) or bfloat16 (cast in torch).
 
@@ -387,7 +439,8 @@ class DaliTwoViewLoader:
 
         pipe = byol_two_view_pipeline(
             self.feeder, self.aug, self.batch_size, encoded=self.source.files is not None,
-            device_id=self.device.index if self.device.type == "cuda" else None, num_threads=self.workers,
+            device_id=self.device.index if self.device.type == "cuda" else None,
+            num_threads=self.workers if self.workers > 0 else cores_per_rank(),
             seed=self.seed * 1_000_003 + self.rank, fp16=self.out_dtype == torch.float16,
             channels_last=self.channels_last)
         # No reader and no size: the feeder ends the epoch (full batches only, the DROP policy)
@@ -411,6 +464,8 @@ class DaliTwoViewLoader:
                         fed = self.feeder.consumed()
                         step, self.last_indices = fed.step + 1, fed.indices
                         yield self._to_batch(out[0])
+                    if self.feeder.error:
+                        raise NoReadableImage(self.feeder.error)
                     clean = True
                     return
                 except RuntimeError as err:  # DALI aborts the whole pipeline on one undecodable file
@@ -457,7 +512,7 @@ class DaliTwoViewLoader:
         self._skipped += len(bad)
         paths = [self.feeder.path(i) for i in bad]
         self.bad_files.extend(paths[: max(0, 20 - len(self.bad_files))])
-        log.warning("skipped %d unreadable image(s) (%d so far), e.g. %s", len(bad), self._skipped, paths[0])
+        log.warning(SUBSTITUTED_MSG, len(bad), self._skipped, paths[0])
 
     def _blacklist_failed(self, err: Exception) -> bool:
         """After a pipeline failure: find the files of the in-flight batches that DALI cannot

@@ -1,5 +1,5 @@
 """The DALI pipeline's parameter inputs, from the per-sample draws both paths share
-(:func:`fastbyol.augment.draw_sample`); pure numpy, no DALI.
+(:func:`fastbyol.augment.draw_samples`); pure numpy, no DALI.
 
 :func:`dali_columns` turns one view's draws for a batch into the pipeline's inputs
 (:data:`VIEW_COLUMNS`), composing the four colour-jitter ops in each sample's random order into
@@ -48,20 +48,24 @@ def jitter_matrices(factors: np.ndarray, order: np.ndarray, apply: np.ndarray) -
         ``A, T``: float32 ``[n, 3, 3]`` each.
     """
     n = len(factors)
-    eye = np.broadcast_to(np.eye(3), (n, 3, 3))
-    gray_rows = np.broadcast_to(np.outer(np.ones(3), _GRAY), (n, 3, 3))  # 1·wᵀ: luma in every channel
-    a, t = eye.copy(), np.zeros((n, 3, 3))
+    eye, gray = np.eye(3), np.outer(np.ones(3), _GRAY)  # 1·wᵀ: luma in every channel
     f = factors[:, :, None, None]
-    sat = f[:, 2] * eye + (1 - f[:, 2]) * gray_rows
-    hue = hue_rotation(factors[:, 3])
+    # Each op acts linearly on the stacked pair [A; T] (6 x 3): brightness and saturation scale
+    # or mix A and T alike; hue rotates both; contrast blends toward the current image's mean
+    # luma, wᵀ(A + T)·m, so it feeds A into T: [[cI, 0], [(1 - c)G, cI + (1 - c)G]].
+    ops = np.zeros((n, 4, 6, 6))
+    for k, m in enumerate((f[:, 0] * eye, None, f[:, 2] * eye + (1 - f[:, 2]) * gray, hue_rotation(factors[:, 3]))):
+        if m is not None:
+            ops[:, k, :3, :3] = ops[:, k, 3:, 3:] = m
+    c = f[:, 1]
+    ops[:, 1, :3, :3] = c * eye
+    ops[:, 1, 3:, :3] = (1 - c) * gray
+    ops[:, 1, 3:, 3:] = c * eye + (1 - c) * gray
+    rows = np.arange(n)
+    at = np.broadcast_to(np.vstack([eye, np.zeros((3, 3))]), (n, 6, 3))
     for stage in range(4):
-        op = order[:, stage][:, None, None]
-        # Each candidate is the (A, T) after running that op now; contrast blends toward the
-        # mean luma of the current image, wᵀ(A + T)·m, which is linear in m.
-        cand_a = (f[:, 0] * a, f[:, 1] * a, sat @ a, hue @ a)
-        cand_t = (f[:, 0] * t, f[:, 1] * t + (1 - f[:, 1]) * (gray_rows @ (a + t)), sat @ t, hue @ t)
-        a = np.select([op == k for k in range(4)], cand_a)
-        t = np.select([op == k for k in range(4)], cand_t)
+        at = ops[rows, order[:, stage]] @ at
+    a, t = at[:, :3].copy(), at[:, 3:].copy()
     keep = ~np.asarray(apply, dtype=bool)
     a[keep], t[keep] = np.eye(3), 0.0
     return a.astype(np.float32), t.astype(np.float32)
@@ -85,8 +89,8 @@ def view_columns(view: ViewConfig) -> Tuple[str, ...]:
 
 
 def dali_columns(d: ViewDraws, names: Sequence[str], kernel_size: int) -> List[List[np.ndarray]]:
-    """The pipeline inputs ``names`` (see :func:`view_columns`) of one view's draws, one
-    array per sample."""
+    """The pipeline inputs ``names`` (see :func:`view_columns`) of one view's draws: one
+    array per column, the batch its outer dimension (no per-sample arrays to build)."""
     top, left, h, w = (d.boxes[:, k].astype(np.float32) for k in range(4))
     cols = {"roi_start": np.stack([top, left], 1), "roi_end": np.stack([top + h, left + w], 1),
             "flip": d.flip.astype(np.int32), "gray": d.gray, "blur": d.blur,
@@ -94,7 +98,7 @@ def dali_columns(d: ViewDraws, names: Sequence[str], kernel_size: int) -> List[L
             "solarize": d.solarize}
     if "jitter_a" in names:
         cols["jitter_a"], cols["jitter_t"] = jitter_matrices(d.factors, d.order, d.jitter)
-    return [list(cols[n]) for n in names]
+    return [np.ascontiguousarray(cols[n]) for n in names]
 
 
 def blur_window(sigma: np.ndarray, kernel_size: int) -> np.ndarray:

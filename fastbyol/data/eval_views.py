@@ -18,10 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..augment import center_view, crop_resize, sample_crop_box
+from ..augment import center_view, crop_boxes, crop_resize
+from ..counter_rng import counter_uniforms
 from .image_source import ImageSource
 from .torch_loader import open_rgb
 
+PROBE_STREAM = 0x11EA  # keys the probe's crops apart from the pretraining views'
 PROBE_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default, as the paper's linear protocol
 
 
@@ -46,10 +48,12 @@ class EvalViews(Dataset):
         if self.crop_scale is None:
             view = center_view(img, self.size)
         else:
-            rng = np.random.default_rng((self.seed, self.epoch, i, 0x11EA))
+            # 10 crop tries of 4 uniforms, then the flip; a stream of its own (not the BYOL views')
+            u = counter_uniforms(self.seed ^ PROBE_STREAM, self.epoch, [i], 41)
             width, height = img.size
-            view = crop_resize(img, sample_crop_box(height, width, self.crop_scale, PROBE_RATIO, rng), self.size)
-            if rng.random() < 0.5:
+            box = crop_boxes(u[:, :40].reshape(1, 10, 4), [height], [width], self.crop_scale, PROBE_RATIO)[0]
+            view = crop_resize(img, tuple(int(b) for b in box), self.size)
+            if u[0, 40] < 0.5:
                 view = np.ascontiguousarray(view[:, :, ::-1])
         return torch.from_numpy(view), int(self.source.labels[i]), i
 

@@ -70,6 +70,25 @@ def _after_fork() -> None:  # a DataLoader worker forked while another thread he
 os.register_at_fork(after_in_child=_after_fork)
 
 
+def _read_file(path: str) -> bytes:
+    """A whole file, in one ``read`` syscall when the kernel allows (no Python file object:
+    several times cheaper than ``open(...).read()`` at tens of thousands of files per second)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        parts = [os.read(fd, size)]
+        got = len(parts[0])
+        while got < size:  # a short read (network file systems may return less)
+            chunk = os.read(fd, size - got)
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+    finally:
+        os.close(fd)
+
+
 def read_encoded(src: ImageSource, i: int) -> bytes:
     """The encoded bytes of sample ``i`` (a file, or a member of a tar shard).
 
@@ -80,8 +99,7 @@ def read_encoded(src: ImageSource, i: int) -> bytes:
         OSError: the file or shard cannot be read, or the member is cut short.
     """
     if src.tar is None:
-        with open(src.files[i], "rb") as fh:
-            return fh.read()
+        return _read_file(src.files[i])
     shard, offset, size = (int(v) for v in src.tar.index[i])
     key = (os.getpid(), src.tar.shards[shard])
     with _shard_lock:  # no thread closes a descriptor another is reading from

@@ -4,8 +4,8 @@ Items may be image tensors ``[3, H, W]`` (float, or uint8 scaled to [0, 1]), PIL
 ``(image, label, ...)`` tuples (the image is the first element). Batches are drawn by the
 torch path's :class:`~fastbyol.data.torch_loader.EpochShardSampler` (a function of
 ``(seed, epoch)``, sharded over ranks, full batches only), moved to the training device, and
-turned into two views there by ``views(images, seeds)`` with image ``i``'s random choices
-seeded by ``(seed, epoch, i)``, so a resumed run sees the views it would have seen.
+turned into two views there by ``views(images, (seed, epoch, indices))``, image ``i``'s random
+choices a function of ``(seed, epoch, i)``, so a resumed run sees the views it would have seen.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class DatasetTwoViewLoader:
 
     Args:
         dataset: any map-style dataset (``len`` and ``[i]``).
-        views: ``views(images [B, 3, H, W] on device, seeds) -> (view1, view2)``.
+        views: ``views(images [B, 3, H, W] on device, (seed, epoch, indices)) -> (view1, view2)``.
         batch_size: per-rank micro-batch.
     """
 
@@ -86,5 +86,5 @@ class DatasetTwoViewLoader:
                             pin_memory=self.device.type == "cuda")
         for images, idx in loader:
             images = images.to(self.device, non_blocking=True)
-            v1, v2 = self.views(images, [(self.seed, self.epoch, int(i)) for i in idx])
+            v1, v2 = self.views(images, (self.seed, self.epoch, idx))
             yield TwoViewBatch(v1, v2, torch.full((len(idx),), -1, dtype=torch.int64, device=self.device))

@@ -1,8 +1,8 @@
 """The torch data path: DataLoader workers decode and crop, the device does the rest.
 
 Each worker item is one whole batch (a list of indices from a ``BatchSampler``). Workers
-draw every random choice of both views per image (:func:`fastbyol.augment.draw_sample`, from
-``(seed, epoch, index)``), cut the two uint8 crops (4× less host→device traffic than floats)
+draw every random choice of both views for the batch (:func:`fastbyol.augment.draw_samples`,
+each image's a function of ``(seed, epoch, index)``), cut the two uint8 crops (4× less host→device traffic than floats)
 and return them with the draws; the photometric half runs batched on the training device
 (:func:`fastbyol.augment.augment_pair`). When the training device *is* the CPU, the workers
 run that half too, so it overlaps with compute instead of adding to every step. Since the
@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from ..augment import augment_pair, stack_draws, two_crops
+from ..augment import augment_pair, crop_pair, draw_samples
 from ..config import AugmentConfig
 from ..errors import FastByolError
 from ..stop import ignore_stop_signals
 from .base import TwoViewBatch
 from .image_source import ImageSource, read_encoded
+from .substitute import SUBSTITUTED_MSG, NoReadableImage, Substitutes
 
 log = logging.getLogger("fastbyol.data")
 
@@ -44,35 +45,34 @@ def open_rgb(src: ImageSource, i: int):
 
 
 class TwoCropDataset(Dataset):
-    """Sample ``i`` as both views' random resized crops, uint8 ``[2, 3, S, S]``, its label and
-    both views' draws.
+    """Item: a batch's sample indices → ``(crops, labels, names of the substituted samples,
+    (view 1 draws, view 2 draws))``, crops uint8 ``[B, 2, 3, S, S]``.
 
-    Unreadable files yield ``None`` (dropped by :func:`collate_two_crops` and counted).
+    An unreadable file is replaced by its stand-in (:class:`~fastbyol.data.substitute.Substitutes`:
+    the next readable sample), cut with position ``i``'s draws, so batches never shrink. The
+    draws are :func:`~fastbyol.augment.draw_samples`' for the whole batch at once.
     """
 
     def __init__(self, source: ImageSource, aug: AugmentConfig, seed: int):
         self.source, self.aug, self.seed, self.epoch = source, aug, seed, 0
+        self.substitutes = Substitutes(len(source), lambda j: sample_name(source, j))
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int):
-        img = open_rgb(self.source, i)
-        if img is None:
-            return None, self.source.files[i] if self.source.files else str(i), None
-        crops, v1, v2 = two_crops(img, self.aug, np.random.default_rng((self.seed, self.epoch, i)))
-        return torch.from_numpy(crops), int(self.source.labels[i]), (v1, v2)
+    def __getitem__(self, indices):
+        loaded = [self.substitutes.resolve(i, lambda k: open_rgb(self.source, k)) for i in indices]
+        widths, heights = np.array([img.size for _, img in loaded]).reshape(-1, 2).T
+        d1, d2 = draw_samples(np.asarray(indices), heights, widths, self.aug, self.seed, self.epoch)
+        size = self.aug.image_size
+        crops = np.stack([crop_pair(img, d1.boxes[k], d2.boxes[k], size) for k, (_, img) in enumerate(loaded)])
+        labels = torch.as_tensor(self.source.labels[[j for j, _ in loaded]].astype(np.int64))
+        bad = [sample_name(self.source, i) for i, (j, _) in zip(indices, loaded) if j != i]
+        return torch.from_numpy(crops), labels, bad, (d1, d2)
 
 
-def collate_two_crops(items):
-    """``(crops [B, 2, 3, S, S], labels, bad file names, (view 1 draws, view 2 draws))`` of the
-    readable items; crops ``None`` when none is."""
-    good = [it for it in items if it[0] is not None]
-    bad = [it[1] for it in items if it[0] is None]
-    if not good:
-        return None, None, bad, None
-    draws = tuple(stack_draws([it[2][v] for it in good]) for v in (0, 1))
-    return torch.stack([it[0] for it in good]), torch.tensor([it[1] for it in good]), bad, draws
+def sample_name(src: ImageSource, i: int) -> str:
+    return src.files[i] if src.files is not None else f"array[{i}]"
 
 
 class TwoViewBatchDataset(Dataset):
@@ -88,8 +88,11 @@ class TwoViewBatchDataset(Dataset):
         self.out_dtype, self.channels_last = out_dtype, channels_last
 
     def __getitem__(self, indices):
-        crops, labels, bad, draws = collate_two_crops([self.crops[i] for i in indices])
-        if crops is not None and self.augment_on is not None:
+        try:
+            crops, labels, bad, draws = self.crops[indices]
+        except NoReadableImage as e:  # re-raised by the main process: a one-line message, no worker traceback
+            return None, None, str(e), None
+        if self.augment_on is not None:
             crops, draws = augment_pair(crops, self.crops.aug, draws, self.out_dtype, self.channels_last), None
         return crops, labels, bad, draws
 
@@ -169,11 +172,13 @@ class TorchTwoViewLoader:
 
     def __iter__(self) -> Iterator[TwoViewBatch]:
         for crops, labels, bad, draws in self._loader():
+            if crops is None:
+                raise NoReadableImage(bad)
             if bad:
                 self._note_bad(bad)
             if isinstance(crops, (tuple, list)):  # augmented in a worker
                 yield TwoViewBatch(crops[0], crops[1], labels)
-            elif crops is not None:
+            else:
                 v1, v2 = augment_pair(crops.to(self.device, non_blocking=True), self.aug, draws,
                                       self.out_dtype, self.channels_last)
                 yield TwoViewBatch(v1, v2, labels.to(self.device, non_blocking=True))
@@ -181,4 +186,4 @@ class TorchTwoViewLoader:
     def _note_bad(self, bad: List[str]) -> None:
         self._skipped += len(bad)
         self.bad_files.extend(bad[: max(0, 20 - len(self.bad_files))])
-        log.warning("skipped %d unreadable image(s) (%d so far), e.g. %s", len(bad), self._skipped, bad[0])
+        log.warning(SUBSTITUTED_MSG, len(bad), self._skipped, bad[0])

@@ -180,3 +180,22 @@ def report(result: Dict, columns: List[str], name: str, out_dir: Optional[str] =
     path = write_json(result, name, out_dir)
     print(f"wrote {path}")
     return path
+
+
+def load_byol_pytorch_learner():
+    """byol-pytorch's learner module (``byol_pytorch/byol_pytorch.py``) loaded alone: the
+    package's ``__init__`` imports its accelerate-based trainer, which the peer comparisons do
+    not need. Raises ImportError (one line) when byol-pytorch is missing or does not import."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("byol_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("byol-pytorch not installed: pip install --no-deps byol-pytorch==0.9.1 einops==0.8.2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "byol_pytorch.py")
+    mspec = importlib.util.spec_from_file_location("_byol_pytorch_learner", path)
+    mod = importlib.util.module_from_spec(mspec)
+    try:
+        mspec.loader.exec_module(mod)
+    except Exception as e:
+        raise ImportError(f"byol-pytorch's learner does not import ({type(e).__name__}: {e})") from None
+    return mod

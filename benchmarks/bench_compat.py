@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import os
 import statistics
 import sys
@@ -30,19 +29,14 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import markdown_table, stamp, write_json  # noqa: E402
+from _common import load_byol_pytorch_learner, markdown_table, stamp, write_json  # noqa: E402
 
 
 def load_byol_pytorch():
-    """byol-pytorch's learner module alone (its package __init__ needs accelerate)."""
-    spec = importlib.util.find_spec("byol_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("byol-pytorch is not installed: pip install --no-deps byol-pytorch==0.9.1 einops==0.8.2")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "byol_pytorch.py")
-    mspec = importlib.util.spec_from_file_location("_byol_pytorch_learner", path)
-    mod = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(mod)
-    return mod
+    try:
+        return load_byol_pytorch_learner()
+    except ImportError as e:
+        sys.exit(str(e))
 
 
 def main() -> None:

@@ -5,9 +5,9 @@ byol-pytorch, einops and kornia are test-only dependencies (``.ci/run`` installs
 accelerate), as ``benchmarks/bench_train.py`` does.
 """
 import copy
-import importlib.util
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -23,14 +23,13 @@ README = os.path.join(os.path.dirname(__file__), "reference", "byol_pytorch_READ
 
 
 def byol_pytorch():
-    spec = importlib.util.find_spec("byol_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("byol-pytorch not installed (pip install --no-deps byol-pytorch==0.9.1 einops==0.8.2)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "byol_pytorch.py")
-    mspec = importlib.util.spec_from_file_location("_byol_pytorch_learner", path)
-    mod = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(mod)
-    return mod
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from _common import load_byol_pytorch_learner
+
+    try:
+        return load_byol_pytorch_learner()
+    except ImportError as e:
+        pytest.skip(str(e))
 
 
 def tiny_net(width=8):

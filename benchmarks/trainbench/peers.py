@@ -4,8 +4,6 @@ A peer that is not installed is a ``Skip`` whose reason says how to install it."
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
 
 import torch
 from torch import nn
@@ -140,16 +138,12 @@ def import_byol_pytorch():
 
         return BYOL, "import byol_pytorch"
     except ImportError as e:
-        spec = importlib.util.find_spec("byol_pytorch")
-        if spec is None or not spec.submodule_search_locations:
-            raise Skip(f"byol-pytorch not installed; {PEER_INSTALL}") from None
-        path = os.path.join(list(spec.submodule_search_locations)[0], "byol_pytorch.py")
+        from _common import load_byol_pytorch_learner
+
         try:
-            mspec = importlib.util.spec_from_file_location("_byol_pytorch_learner", path)
-            mod = importlib.util.module_from_spec(mspec)
-            mspec.loader.exec_module(mod)
-        except Exception as e2:
-            raise Skip(f"byol-pytorch not importable ({type(e2).__name__}: {e2})") from None
+            mod = load_byol_pytorch_learner()
+        except ImportError as e2:
+            raise Skip(str(e2)) from None
         return mod.BYOL, f"learner module loaded alone (package __init__ failed: {e})"
 
 

@@ -91,17 +91,15 @@ class TwoViews:
 
 
 class LightlyStyleBYOL(nn.Module):
-    """The example's model class."""
+    """The example's model class, around given heads (lightly's, or :func:`projection_head`)."""
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, proj_hidden: int, dim: int, pred_hidden: int):
+    def __init__(self, backbone: nn.Module, projection: nn.Module, prediction: nn.Module):
         super().__init__()
-        self.backbone = backbone
-        self.projection_head = projection_head(feat_dim, proj_hidden, dim)
-        self.prediction_head = projection_head(dim, pred_hidden, dim)
+        self.backbone, self.projection_head, self.prediction_head = backbone, projection, prediction
         self.backbone_momentum = copy.deepcopy(self.backbone)
         self.projection_head_momentum = copy.deepcopy(self.projection_head)
         for p in list(self.backbone_momentum.parameters()) + list(self.projection_head_momentum.parameters()):
-            p.requires_grad = False
+            p.requires_grad = False  # lightly's deactivate_requires_grad
 
     def forward(self, x):
         return self.prediction_head(self.projection_head(self.backbone(x).flatten(start_dim=1)))
@@ -110,18 +108,24 @@ class LightlyStyleBYOL(nn.Module):
         return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
 
 
-class LightlyStyleRunner(Runner):
-    """The example's loop body, unchanged in structure; ``synthetic``: on pre-made device views."""
+class LightlyExampleLoop(Runner):
+    """lightly 1.6's ``examples/pytorch/byol.py`` loop, its pieces given: the projection and
+    prediction heads (``make_*(d_in, hidden, d_out)``), the loss, ``update_momentum``, ``cosine_schedule``
+    and the two-view transform (``make_transform()``, built only for real data); ``synthetic``:
+    on pre-made device views. Shared by the lightly-package mode and the torch-only one."""
 
-    def __init__(self, ctx: Context, synthetic: bool = False):
+    def __init__(self, ctx: Context, synthetic: bool, make_projection, make_prediction, loss_fn, update_momentum,
+                 cosine_schedule, make_transform):
         from .peers import peer_backbone
 
         self.ctx, c = ctx, ctx.cfg
+        self.loss_fn, self.update_momentum = loss_fn, update_momentum
         torch.manual_seed(ctx.seed)
         resnet, feat_dim = peer_backbone(c)
         backbone = resnet if c.backbone == "convnet4" else nn.Sequential(*list(resnet.children())[:-1])
-        self.model = LightlyStyleBYOL(backbone, feat_dim, c.projector_hidden, c.projection_dim,
-                                      c.predictor_hidden).to(ctx.device)
+        self.model = LightlyStyleBYOL(backbone, make_projection(feat_dim, c.projector_hidden, c.projection_dim),
+                                      make_prediction(c.projection_dim, c.predictor_hidden, c.projection_dim)
+                                      ).to(ctx.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.06)
         self.momentum_val = cosine_schedule(0, 10, 0.996, 1)
         self.online_params = [p for p in self.model.parameters() if p.requires_grad]
@@ -130,16 +134,7 @@ class LightlyStyleRunner(Runner):
         if synthetic:
             self.views = synthetic_views(ctx, channels_last=False)
         else:
-            b1, b2 = (1.0, 0.1) if c.peer_blur is None else (c.peer_blur, c.peer_blur)
-            self.loader = peer_loader(ctx, TwoViews(byol_view_transform(c.image_size, b1, 0.0),
-                                                    byol_view_transform(c.image_size, b2, 0.2)))
-        self.details = {
-            "loop": "lightly 1.6 examples/pytorch/byol.py, written out in torch (no lightly import)",
-            "loader": "pre-made views on the device" if synthetic else
-            f"BYOLTransform-equivalent PIL transforms per image in a torch DataLoader, {ctx.workers} workers",
-            "loss": "-cosine_similarity().mean()", "ema": "update_momentum (foreach mul + add)",
-            "optimizer": "SGD lr 0.06 (example)", "precision": ctx.precision,
-        }
+            self.loader = peer_loader(ctx, make_transform())
 
     def batches(self):
         if self.synthetic:
@@ -147,11 +142,11 @@ class LightlyStyleRunner(Runner):
                 yield (self.views, 0)
         yield from forever(lambda e: iter(self.loader))
 
-    def step(self, batch) -> None:
+    def step(self, batch) -> None:  # the example's loop body
         model, device = self.model, self.ctx.device
         x0, x1 = batch[0]
-        update_momentum(model.backbone, model.backbone_momentum, m=self.momentum_val)
-        update_momentum(model.projection_head, model.projection_head_momentum, m=self.momentum_val)
+        self.update_momentum(model.backbone, model.backbone_momentum, m=self.momentum_val)
+        self.update_momentum(model.projection_head, model.projection_head_momentum, m=self.momentum_val)
         x0 = x0.to(device)
         x1 = x1.to(device)
         with self.ctx.autocast():
@@ -159,8 +154,29 @@ class LightlyStyleRunner(Runner):
             z0 = model.forward_momentum(x0)
             p1 = model(x1)
             z1 = model.forward_momentum(x1)
-            loss = 0.5 * (negative_cosine_similarity(p0, z1) + negative_cosine_similarity(p1, z0))
+            loss = 0.5 * (self.loss_fn(p0, z1) + self.loss_fn(p1, z0))
         self.total_loss += loss.detach()
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
+
+
+class LightlyStyleRunner(LightlyExampleLoop):
+    """The example's loop with every lightly piece written out in torch (no lightly import)."""
+
+    def __init__(self, ctx: Context, synthetic: bool = False):
+        c = ctx.cfg
+
+        def make_transform():
+            b1, b2 = (1.0, 0.1) if c.peer_blur is None else (c.peer_blur, c.peer_blur)
+            return TwoViews(byol_view_transform(c.image_size, b1, 0.0), byol_view_transform(c.image_size, b2, 0.2))
+
+        super().__init__(ctx, synthetic, projection_head, projection_head, negative_cosine_similarity,
+                         update_momentum, cosine_schedule, make_transform)
+        self.details = {
+            "loop": "lightly 1.6 examples/pytorch/byol.py, written out in torch (no lightly import)",
+            "loader": "pre-made views on the device" if synthetic else
+            f"BYOLTransform-equivalent PIL transforms per image in a torch DataLoader, {ctx.workers} workers",
+            "loss": "-cosine_similarity().mean()", "ema": "update_momentum (foreach mul + add)",
+            "optimizer": "SGD lr 0.06 (example)", "precision": ctx.precision,
+        }

@@ -3,14 +3,13 @@ byol-pytorch's README loop (same encoder, head widths and autocast as fastbyol's
 A peer that is not installed is a ``Skip`` whose reason says how to install it."""
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
-from .configs import Context, Skip
-from .data import forever, peer_loader, synthetic_views
+from .configs import BenchConfig, Context, Skip
+from .data import forever, peer_loader
 from .fastbyol_runner import Runner
+from .lightly_style import LightlyExampleLoop
 
 # The smallest set that imports (lightly 1.6's transforms need lightning-utilities; byol-pytorch's
 # learner needs einops; --no-deps so pip cannot replace torch).
@@ -35,96 +34,38 @@ def peer_backbone(cfg: BenchConfig):
     return net, net.fc.in_features
 
 
-class LightlyRunner(Runner):
+class LightlyRunner(LightlyExampleLoop):
     """lightly's BYOL example (lightly/examples/pytorch/byol.py), faithfully, with the lightly
-    package itself: its model class, heads, transforms, loss, momentum update and SGD. Head
-    widths are the benchmark's (the example's are 512 → 1024 → 256); the forward runs under the
-    same autocast as fastbyol's (a no-op in fp32)."""
+    package itself: its heads, transforms, loss, momentum update and schedule around the
+    example's model class and SGD. Head widths are the benchmark's (the example's are
+    512 → 1024 → 256); the forward runs under the same autocast as fastbyol's (a no-op in fp32)."""
 
     def __init__(self, ctx: Context, synthetic: bool = False):
         try:
             from lightly.loss import NegativeCosineSimilarity
             from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-            from lightly.models.utils import deactivate_requires_grad, update_momentum
+            from lightly.models.utils import update_momentum
             from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
             from lightly.utils.scheduler import cosine_schedule
         except Exception as e:
             raise Skip(f"lightly not importable ({type(e).__name__}: {e}); {PEER_INSTALL}") from None
         import lightly
 
-        self.ctx, c = ctx, ctx.cfg
-        self.update_momentum = update_momentum
+        c = ctx.cfg
 
-        class BYOL(nn.Module):  # the example's model class
-            def __init__(self, backbone):
-                super().__init__()
-                self.backbone = backbone
-                self.projection_head = BYOLProjectionHead(feat_dim, c.projector_hidden, c.projection_dim)
-                self.prediction_head = BYOLPredictionHead(c.projection_dim, c.predictor_hidden, c.projection_dim)
-                self.backbone_momentum = copy.deepcopy(self.backbone)
-                self.projection_head_momentum = copy.deepcopy(self.projection_head)
-                deactivate_requires_grad(self.backbone_momentum)
-                deactivate_requires_grad(self.projection_head_momentum)
-
-            def forward(self, x):
-                y = self.backbone(x).flatten(start_dim=1)
-                z = self.projection_head(y)
-                p = self.prediction_head(z)
-                return p
-
-            def forward_momentum(self, x):
-                y = self.backbone_momentum(x).flatten(start_dim=1)
-                z = self.projection_head_momentum(y)
-                z = z.detach()
-                return z
-
-        torch.manual_seed(ctx.seed)
-        resnet, feat_dim = peer_backbone(c)
-        backbone = resnet if c.backbone == "convnet4" else nn.Sequential(*list(resnet.children())[:-1])
-        self.model = BYOL(backbone).to(ctx.device)
-        self.criterion = NegativeCosineSimilarity()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.06)
-        self.momentum_val = cosine_schedule(0, 10, 0.996, 1)
-        self.online_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.total_loss = torch.zeros((), device=ctx.device)
-        self.synthetic = synthetic
-        if synthetic:
-            self.views = synthetic_views(ctx, channels_last=False)
-        else:
+        def make_transform():
             blur = {} if c.peer_blur is None else {"gaussian_blur": c.peer_blur}
-            transform = BYOLTransform(view_1_transform=BYOLView1Transform(input_size=c.image_size, **blur),
-                                      view_2_transform=BYOLView2Transform(input_size=c.image_size, **blur))
-            self.loader = peer_loader(ctx, transform)
+            return BYOLTransform(view_1_transform=BYOLView1Transform(input_size=c.image_size, **blur),
+                                 view_2_transform=BYOLView2Transform(input_size=c.image_size, **blur))
+
+        super().__init__(ctx, synthetic, BYOLProjectionHead, BYOLPredictionHead, NegativeCosineSimilarity(),
+                         update_momentum, cosine_schedule, make_transform)
         self.details = {
             "loader": "pre-made views on the device" if synthetic else
             f"lightly BYOLTransform (PIL, per image) in a torch DataLoader, {ctx.workers} workers",
             "loss": "lightly NegativeCosineSimilarity", "ema": "lightly update_momentum (foreach mul + add)",
             "optimizer": "SGD lr 0.06 (example)", "precision": ctx.precision, "lightly": lightly.__version__,
         }
-
-    def batches(self):
-        if self.synthetic:
-            while True:
-                yield (self.views, 0)
-        yield from forever(lambda e: iter(self.loader))
-
-    def step(self, batch) -> None:  # the example's loop body
-        model, device = self.model, self.ctx.device
-        x0, x1 = batch[0]
-        self.update_momentum(model.backbone, model.backbone_momentum, m=self.momentum_val)
-        self.update_momentum(model.projection_head, model.projection_head_momentum, m=self.momentum_val)
-        x0 = x0.to(device)
-        x1 = x1.to(device)
-        with self.ctx.autocast():
-            p0 = model(x0)
-            z0 = model.forward_momentum(x0)
-            p1 = model(x1)
-            z1 = model.forward_momentum(x1)
-            loss = 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
-        self.total_loss += loss.detach()
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
 
 
 def import_byol_pytorch():

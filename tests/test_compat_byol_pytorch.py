@@ -75,6 +75,16 @@ def mine_groups(mine):
     return [o.encoder.parameters(), o.projector.parameters(), o.predictor.parameters()]
 
 
+def assert_same_loss_and_grads(ref, mine, x):
+    """One forward and backward of both learners on ``x``: the same loss and gradients."""
+    loss_ref, loss_mine = ref(x), mine(x)
+    torch.testing.assert_close(loss_mine, loss_ref, rtol=1e-5, atol=1e-6)
+    loss_ref.backward()
+    loss_mine.backward()
+    for a, b in zip(ref_groups(ref), mine_groups(mine)):
+        assert_grads_close(a, b)
+
+
 # ----------------------------------------------------------------------------- against byol-pytorch
 
 @pytest.mark.parametrize("views_in_one_batch", [True, False])
@@ -82,13 +92,7 @@ def test_loss_grads_and_target_match_byol_pytorch(views_in_one_batch):
     bp = byol_pytorch()
     ident = nn.Identity()
     ref, mine = pair(bp, augment_fn=ident, views_in_one_batch=views_in_one_batch)
-    x = torch.rand(6, 3, 16, 16)
-    loss_ref, loss_mine = ref(x), mine(x)
-    torch.testing.assert_close(loss_mine, loss_ref, rtol=1e-5, atol=1e-6)
-    loss_ref.backward()
-    loss_mine.backward()
-    for a, b in zip(ref_groups(ref), mine_groups(mine)):
-        assert_grads_close(a, b)
+    assert_same_loss_and_grads(ref, mine, torch.rand(6, 3, 16, 16))
     for learner in (ref, mine):
         torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.5).step()
         learner.update_moving_average()
@@ -120,13 +124,7 @@ def test_use_momentum_false_matches_byol_pytorch():
     ref, mine = pair(bp, augment_fn=nn.Identity(), use_momentum=False)
     assert mine.model.target is None
     assert [type(m) for m in mine.model.online.projector] == [type(m) for m in ref.online_encoder.projector]
-    x = torch.rand(6, 3, 16, 16)
-    loss_ref, loss_mine = ref(x), mine(x)
-    torch.testing.assert_close(loss_mine, loss_ref, rtol=1e-5, atol=1e-6)
-    loss_ref.backward()
-    loss_mine.backward()
-    for a, b in zip(ref_groups(ref), mine_groups(mine)):
-        assert_grads_close(a, b)
+    assert_same_loss_and_grads(ref, mine, torch.rand(6, 3, 16, 16))
     with pytest.raises(AssertionError):
         ref.update_moving_average()
     with pytest.raises(ValueError, match="use_momentum=False"):

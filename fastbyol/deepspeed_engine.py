@@ -368,7 +368,7 @@ def make_engine(model, cfg: Config, device: torch.device, dist: DistInfo, ds_con
     """The trainer's ``engine_factory``: SyncBN, identical replicas, DeepSpeed around ``model.online``.
     ``optimizer_factory(params)`` replaces the configured optimizer (fastbyol.compat)."""
     deepspeed = import_deepspeed(device)
-    sync_bn = convert_sync_batchnorm(model, device, dist.world_size, cfg.dist.sync_bn, announce=dist.is_main)
+    sync_bn = convert_sync_batchnorm(model, dist.world_size, cfg.dist.sync_bn)
     broadcast_module_state(model.online, model.target)
     optimizer = (optimizer_factory(model.online.parameters()) if optimizer_factory is not None else
                  build_optimizer(model.online, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.train.batch_size)))

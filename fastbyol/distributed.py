@@ -20,17 +20,13 @@ Everything here is plain ``torch.distributed`` and works with any launcher.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import socket
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as tdist
 from torch import nn
-
-log = logging.getLogger("fastbyol")
-
 
 def backend_for(device: torch.device) -> str:
     """``nccl`` for CUDA tensors, ``gloo`` for CPU ones."""
@@ -58,15 +54,13 @@ def world_size() -> int:
     return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
 
 
-def convert_sync_batchnorm(model: nn.Module, device: torch.device, world: int, enabled: bool,
-                           announce: bool = True) -> bool:
+def convert_sync_batchnorm(model: nn.Module, world: int, enabled: bool) -> bool:
     """Turn every BatchNorm of ``model.online`` and ``model.target`` into
     :class:`~fastbyol.sync_batchnorm.SyncFreeBatchNorm` (statistics over all ranks, per view:
     one all-reduce per layer, no host sync; any backend, so CPU/gloo runs are synchronised too).
 
     Only with more than one rank and when ``enabled``. Returns whether the conversion happened.
-    Module names are unchanged, so the EMA pairing still holds. ``device`` and ``announce`` are
-    kept for callers; nothing depends on them any more.
+    Module names are unchanged, so the EMA pairing still holds.
     """
     from .sync_batchnorm import convert_to_sync_free
 
@@ -113,13 +107,25 @@ def average_buffers(*modules: Optional[nn.Module]) -> None:
                 b.data.div_(world)
 
 
+def rank_and_world() -> Tuple[int, int]:
+    """This process's rank and the world size (0, 1 without a process group)."""
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over ranks (in place; ``t`` itself without a process group)."""
+    if world_size() > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
 def sum_over_ranks(value: int, device: torch.device) -> int:
     """``value`` summed over all ranks (a collective and a host sync: call at the end of a run)."""
     if world_size() <= 1:
         return int(value)
-    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
-    tdist.all_reduce(t)
-    return int(t.item())
+    return int(all_reduce_sum(torch.tensor([int(value)], dtype=torch.int64, device=device)).item())
 
 
 def barrier() -> None:

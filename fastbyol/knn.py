@@ -17,7 +17,8 @@ from torch import nn
 
 from .config import AugmentConfig
 from .errors import FastByolError
-from .eval.features import Features, all_reduce_sum, extract_features
+from .distributed import all_reduce_sum
+from .eval.features import Features, extract_features
 
 
 def knn_votes(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,

@@ -134,6 +134,7 @@ class Trainer:
                                enabled=self.dist.is_main, knn_label=f"weighted kNN (k={t.knn_k}, T={t.knn_t})")
         self.ckpt_path = os.path.join(t.out, CHECKPOINT_NAME)
         self._saved_step: Optional[int] = None  # the step of the checkpoint on disk (this run's or resumed)
+        self._finite_step: Optional[int] = None  # the last step _check_finite passed (the state is unchanged until the next)
         self._signals: Optional[StopSignals] = None  # set by fit
         resume = resolve_resume(t.resume, t.out)
         if resume:
@@ -225,7 +226,10 @@ class Trainer:
     def _check_finite(self) -> None:
         """Raise unless the loss since the last check and the whole state (online, target, BatchNorm
         statistics, optimizer) are finite on every rank: one device reduction, read here (log and
-        checkpoint steps only), all-reduced with several ranks so that they stop together."""
+        checkpoint steps only), all-reduced with several ranks so that they stop together. A step
+        already checked (a log step that also checkpoints) is not checked again."""
+        if self._finite_step == self.step:
+            return
         named = self._state_tensors()
         state_bad = nonfinite_flag(named).to(self.device)
         loss_bad = self._nonfinite if self._nonfinite is not None else torch.zeros((), dtype=torch.bool,
@@ -240,6 +244,7 @@ class Trainer:
             local = flags
         loss_any, state_any = flags.tolist()
         if not (loss_any or state_any):
+            self._finite_step = self.step
             return
         where = []
         if loss_any:
@@ -307,8 +312,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         run_knn = t.knn_every > 0  # on every rank: the kNN is sharded
         if run_knn and self.knn_random is None and self.step == 0:
-            self.knn_random = self.knn()
-            self.monitor.log_knn(0, -1, self.knn_random)
+            self.knn_random = self._knn_at(0, -1)
         accum = cfg.dist.grad_accum
         self._signals = StopSignals(announce=self.dist.is_main).install()
         try:
@@ -317,7 +321,7 @@ class Trainer:
             self._signals.restore()
 
     def _fit_loop(self, run_knn: bool, accum: int) -> Dict:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         self._stop_agreement = StopAgreement(self.dist.world_size, self.device, t.stop_check_every)
         self._last_save_time = time.monotonic()
         self.start_steps()

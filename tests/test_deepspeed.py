@@ -7,7 +7,6 @@ autocast + DeepSpeed's GradScaler, which does run on CPU and is tested with a re
 """
 import importlib.util
 import json
-import logging
 import os
 import re
 import subprocess
@@ -151,11 +150,11 @@ def test_sync_bn_converts_online_and_target_on_any_device():
 
     model = _tiny_byol()
     names = [n for n, _ in model.target.named_parameters()]
-    assert convert_sync_batchnorm(model, torch.device("cpu"), 1, True) is False  # one rank
-    assert convert_sync_batchnorm(model, torch.device("cpu"), 2, False) is False  # --dist.sync_bn false
+    assert convert_sync_batchnorm(model, 1, True) is False  # one rank
+    assert convert_sync_batchnorm(model, 2, False) is False  # --dist.sync_bn false
     assert not any(isinstance(m, SyncFreeBatchNorm) for m in model.modules())
     # Every BatchNorm of both networks, names unchanged; CPU (gloo) included.
-    assert convert_sync_batchnorm(model, torch.device("cpu"), 2, True) is True
+    assert convert_sync_batchnorm(model, 2, True) is True
     for net in (model.online, model.target):
         bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         assert bns and all(isinstance(m, SyncFreeBatchNorm) for m in bns)

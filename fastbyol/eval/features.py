@@ -20,13 +20,7 @@ from torch import nn
 from ..augment import normalize
 from ..backbones import feature_dim, memory_format_of
 from ..config import AugmentConfig
-
-
-def rank_and_world() -> Tuple[int, int]:
-    """This process's rank and the world size (0, 1 without a process group)."""
-    if tdist.is_available() and tdist.is_initialized():
-        return tdist.get_rank(), tdist.get_world_size()
-    return 0, 1
+from ..distributed import all_reduce_sum, rank_and_world
 
 
 def inference_autocast(device: torch.device):
@@ -115,13 +109,6 @@ def gather_rows(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         tdist.all_gather(parts, padded.contiguous())
         out.append(torch.cat([p[:s] for p, s in zip(parts, sizes)]))
     return tuple(out)
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over ranks (in place; ``t`` itself without a process group)."""
-    if rank_and_world()[1] > 1:
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-    return t
 
 
 def gather_features(f: Features) -> Features:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FastByolError
-from .features import Features, all_reduce_sum, rank_and_world
+from ..distributed import all_reduce_sum, rank_and_world
+from .features import Features
 
 
 @dataclass

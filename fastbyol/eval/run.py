@@ -27,7 +27,8 @@ from ..data.eval_views import eval_loader
 from ..data.image_source import ImageSource
 from ..errors import FastByolError
 from .encoder import LoadedEncoder, load_encoder
-from .features import Features, extract_features, rank_and_world
+from ..distributed import rank_and_world
+from .features import Features, extract_features
 from .linear import (PRESET_FOR_TRAINING, LinearConfig, augmented_batches, evaluate, feature_stats, fitted_batch_size,
                      holdout_split, linear_preset, precomputed_batches, select_lr, train_probe)
 

@@ -88,7 +88,7 @@ from .dali_params import VIEW_COLUMNS, dali_columns, view_columns
 from .image_check import check_encoded
 from .image_source import ImageSource, read_encoded
 from .substitute import SUBSTITUTED_MSG, NoReadableImage, Substitutes
-from .torch_loader import EpochShardSampler
+from .torch_loader import EpochShardSampler, sample_name
 
 log = logging.getLogger("fastbyol.data")
 
@@ -277,7 +277,7 @@ class TwoViewFeeder:
         return np.frombuffer(data, dtype=np.uint8), size
 
     def path(self, i: int) -> str:
-        return self.source.files[i] if self.source.files is not None else f"array[{i}]"
+        return sample_name(self.source, i)
 
 
 # ----------------------------------------------------------------------------- pipeline

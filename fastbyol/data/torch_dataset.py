@@ -13,11 +13,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..errors import FastByolError
 from .base import TwoViewBatch
-from .torch_loader import EpochShardSampler
+from .torch_loader import EpochBatchLoader
 
 
 def image_tensor(item) -> torch.Tensor:
@@ -50,7 +50,7 @@ class _Indexed(Dataset):
         return torch.stack(images), torch.as_tensor(list(indices))
 
 
-class DatasetTwoViewLoader:
+class DatasetTwoViewLoader(EpochBatchLoader):
     """:class:`~fastbyol.data.base.TwoViewLoader` over a user ``Dataset``.
 
     Args:
@@ -61,30 +61,15 @@ class DatasetTwoViewLoader:
 
     def __init__(self, dataset: Dataset, views: Callable, batch_size: int, device: torch.device,
                  seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0):
-        if len(dataset) < batch_size * world_size:
-            raise FastByolError(f"batch size {batch_size * world_size} is larger than the data set "
-                                f"({len(dataset)} images)")
-        self.dataset, self.views, self.batch_size = dataset, views, batch_size
-        self.device, self.seed, self.workers = torch.device(device), seed, workers
-        self.sampler = EpochShardSampler(len(dataset), batch_size, seed, rank, world_size)
-        self.epoch, self.start_step = 0, 0
-
-    def __len__(self) -> int:
-        return self.sampler.steps_per_epoch()
+        super().__init__(len(dataset), batch_size, device, seed, rank, world_size, workers)
+        self.dataset, self.views = dataset, views
 
     @property
     def skipped(self) -> int:
         return 0
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
     def __iter__(self) -> Iterator[TwoViewBatch]:
-        self.sampler.epoch, self.sampler.start = self.epoch, self.start_step * self.batch_size
-        batches = BatchSampler(self.sampler, self.batch_size, drop_last=True)
-        loader = DataLoader(_Indexed(self.dataset), batch_size=None, sampler=batches, num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda")
-        for images, idx in loader:
+        for images, idx in self.epoch_loader(_Indexed(self.dataset)):
             images = images.to(self.device, non_blocking=True)
             v1, v2 = self.views(images, (self.seed, self.epoch, idx))
             yield TwoViewBatch(v1, v2, torch.full((len(idx),), -1, dtype=torch.int64, device=self.device))

@@ -120,7 +120,38 @@ class EpochShardSampler(Sampler[int]):
         return iter(mine[self.start:].tolist())
 
 
-class TorchTwoViewLoader:
+class EpochBatchLoader:
+    """What the torch-side loaders share: per-rank full batches in the order of
+    :class:`EpochShardSampler` (a function of seed and epoch), resumable mid-epoch, through a
+    DataLoader whose workers leave SIGTERM/Ctrl-C to the trainer (:mod:`fastbyol.stop`)."""
+
+    def __init__(self, n_items: int, batch_size: int, device: torch.device, seed: int, rank: int,
+                 world_size: int, workers: int):
+        if n_items < batch_size * world_size:
+            raise FastByolError(
+                f"batch size {batch_size * world_size} is larger than the data set ({n_items} images)")
+        self.batch_size, self.device, self.workers = batch_size, torch.device(device), workers
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.sampler = EpochShardSampler(n_items, batch_size, seed, rank, world_size)
+        self.epoch, self.start_step = 0, 0
+
+    def __len__(self) -> int:
+        return self.sampler.steps_per_epoch()
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def epoch_loader(self, items: Dataset, **options) -> DataLoader:
+        """A DataLoader over ``items`` (indexed by a list of sample indices: one item per batch)
+        for the current epoch, from ``start_step``."""
+        self.sampler.epoch, self.sampler.start = self.epoch, self.start_step * self.batch_size
+        batches = BatchSampler(self.sampler, self.batch_size, drop_last=True)
+        return DataLoader(items, batch_size=None, sampler=batches, num_workers=self.workers,
+                          pin_memory=self.device.type == "cuda",
+                          worker_init_fn=ignore_stop_signals if self.workers > 0 else None, **options)
+
+
+class TorchTwoViewLoader(EpochBatchLoader):
     """:class:`~fastbyol.data.base.TwoViewLoader` over a DataLoader.
 
     Args:
@@ -133,42 +164,23 @@ class TorchTwoViewLoader:
     def __init__(self, source: ImageSource, aug: AugmentConfig, batch_size: int, device: torch.device,
                  seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 2,
                  channels_last: bool = False, out_dtype: torch.dtype = torch.float32):
-        if len(source) < batch_size * world_size:
-            raise FastByolError(
-                f"batch size {batch_size * world_size} is larger than the data set ({len(source)} images)")
-        self.source, self.aug, self.batch_size, self.device = source, aug, batch_size, torch.device(device)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        super().__init__(len(source), batch_size, device, seed, rank, world_size, workers)
+        self.source, self.aug = source, aug
         self.channels_last, self.out_dtype = channels_last, out_dtype
         self.dataset = TwoCropDataset(source, aug, seed)
-        self.sampler = EpochShardSampler(len(source), batch_size, seed, rank, world_size)
-        self.workers = workers
-        self.epoch, self.start_step = 0, 0
         self._skipped = 0
         self.bad_files: List[str] = []
-
-    def __len__(self) -> int:
-        return self.sampler.steps_per_epoch()
 
     @property
     def skipped(self) -> int:
         return self._skipped
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
     def _loader(self) -> DataLoader:
-        self.dataset.epoch = self.sampler.epoch = self.epoch
-        self.sampler.start = self.start_step * self.batch_size
-        batches = BatchSampler(self.sampler, self.batch_size, drop_last=True)  # one DataLoader item per batch
+        self.dataset.epoch = self.epoch
         in_workers = self.device.type == "cpu" and self.workers > 0
         items = TwoViewBatchDataset(self.dataset, self.device if in_workers else None,
                                     self.out_dtype, self.channels_last)
-        return DataLoader(
-            items, batch_size=None, sampler=batches, num_workers=self.workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if self.workers > 0 else None,
-            worker_init_fn=ignore_stop_signals if self.workers > 0 else None,  # SIGTERM/Ctrl-C: fastbyol.stop
-        )
+        return self.epoch_loader(items, prefetch_factor=4 if self.workers > 0 else None)
 
     def __iter__(self) -> Iterator[TwoViewBatch]:
         for crops, labels, bad, draws in self._loader():

@@ -10,7 +10,7 @@ answers are summed. No rank idles, and the result equals one process's.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -21,18 +21,29 @@ from .distributed import all_reduce_sum
 from .eval.features import Features, extract_features
 
 
+def knn_votes_per_k(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
+                    ks: Sequence[int] = (200,), t: float = 0.1, chunk: int = 1024) -> List[torch.Tensor]:
+    """For each ``k``, the class votes ``[n, num_classes]`` of each (normalised) query row: the
+    sum of ``exp(sim / t)`` over its ``k`` most similar bank rows, per class. One similarity
+    product and one top-k (of the largest k, sorted) serve every k."""
+    top = min(max(ks), bank.shape[0])
+    out: List[List[torch.Tensor]] = [[] for _ in ks]
+    for q in query.split(chunk):
+        sim, idx = (q @ bank.T).topk(top, dim=1)
+        weights, labels = (sim / t).exp(), bank_labels[idx]
+        for votes_k, k in zip(out, ks):
+            k = min(k, top)
+            votes = torch.zeros(q.shape[0], num_classes, device=q.device)
+            votes.scatter_add_(1, labels[:, :k], weights[:, :k])
+            votes_k.append(votes)
+    return [torch.cat(v) if v else torch.zeros(0, num_classes, device=query.device) for v in out]
+
+
 def knn_votes(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
               k: int = 200, t: float = 0.1, chunk: int = 1024) -> torch.Tensor:
-    """Class votes ``[n, num_classes]`` of each (normalised) query row: the sum of
-    ``exp(sim / t)`` over its ``k`` most similar bank rows, per class."""
-    k = min(k, bank.shape[0])
-    out = []
-    for q in query.split(chunk):
-        sim, idx = (q @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
-        votes.scatter_add_(1, bank_labels[idx], (sim / t).exp())
-        out.append(votes)
-    return torch.cat(out) if out else torch.zeros(0, num_classes, device=query.device)
+    """Class votes ``[n, num_classes]`` of each (normalised) query row for one ``k``
+    (:func:`knn_votes_per_k`)."""
+    return knn_votes_per_k(query, bank, bank_labels, num_classes, (k,), t, chunk)[0]
 
 
 def knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
@@ -53,9 +64,9 @@ def knn_scores(bank: Features, query: Features, num_classes: int, ks: Sequence[i
                ) -> Dict[int, Tuple[float, float]]:
     """``{k: (top-1 %, top-5 %)}`` of weighted kNN; ``bank`` is the whole bank (gathered),
     ``query`` this rank's queries; counts are summed over ranks."""
-    counts = torch.stack([torch.cat([topk_correct(knn_votes(query.feats, bank.feats, bank.labels, num_classes, k, t),
-                                                  query.labels), query.feats.new_tensor([len(query)])])
-                          for k in ks])
+    votes = knn_votes_per_k(query.feats, bank.feats, bank.labels, num_classes, ks, t)
+    counts = torch.stack([torch.cat([topk_correct(v, query.labels), query.feats.new_tensor([len(query)])])
+                          for v in votes])
     counts = all_reduce_sum(counts).tolist()  # one host sync for all k
     total = counts[0][2]
     if total == 0:

@@ -3,8 +3,8 @@
 One extractor serves the kNN monitor in training, ``fastbyol eval knn`` and the linear
 probe. The encoder runs in eval mode (BatchNorm on its running statistics, so a sample's
 feature does not depend on its batch), under bf16 autocast with channels_last inputs on CUDA,
-and nothing is read back to the host per batch: the only host sync is the size exchange of
-:func:`gather_rows`, once per extraction.
+and nothing is read back to the host per batch: with several ranks the host syncs are the size
+exchange of :func:`gather_rows` and the sum of unreadable files, once each per extraction.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from torch import nn
 from ..augment import normalize
 from ..backbones import feature_dim, memory_format_of
 from ..config import AugmentConfig
-from ..distributed import all_reduce_sum, rank_and_world
+from ..distributed import rank_and_world, sum_over_ranks
 
 
 def inference_autocast(device: torch.device):
@@ -117,5 +117,5 @@ def gather_features(f: Features) -> Features:
         return f
     feats, labels, index = gather_rows(f.feats, f.labels, f.index)
     order = torch.argsort(index)
-    bad = int(all_reduce_sum(torch.tensor([f.unreadable], device=f.feats.device)).item())
+    bad = sum_over_ranks(f.unreadable, f.feats.device)
     return Features(feats[order], labels[order], index[order], bad)

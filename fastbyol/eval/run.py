@@ -242,13 +242,16 @@ def run_linear(ns) -> Dict:
         if len(train) == 0:
             raise FastByolError("the training set holds no readable image")
 
+    def rows_of(idx: np.ndarray):
+        """The precomputed training features of the samples ``idx``."""
+        return train.rows(torch.from_numpy(np.isin(train.index.cpu().numpy(), idx)).to(train.feats.device))
+
     def batches_for(idx: Optional[np.ndarray]):
         """Batches over all of train (idx None) or over the subset ``idx``."""
         if cfg.mode == "features":
             f = train
             if idx is not None:
-                keep = torch.from_numpy(np.isin(train.index.cpu().numpy(), idx)).to(train.feats.device)
-                f = train.rows(keep)
+                f = rows_of(idx)
                 f.index = torch.from_numpy(np.searchsorted(idx, f.index.cpu().numpy())).to(f.feats.device)
             return precomputed_batches(f, batch, cfg.seed)
         src = s.train if idx is None else s.train.subset(idx)
@@ -273,14 +276,15 @@ def run_linear(ns) -> Dict:
                                 "pass a single --lr")
         held_f = s.features(s.train.subset(held), gather=False, l2=False) if cfg.mode == "full" else None
         if cfg.mode == "features":
-            keep = torch.from_numpy(np.isin(train.index.cpu().numpy(), held)).to(train.feats.device)
-            held_f = train.rows(keep)
+            held_f = rows_of(held)
             if s.world > 1:  # evaluate() sums counts over ranks: give each rank its share
                 held_f = held_f.rows(torch.arange(len(held_f), device=held_f.feats.device) % s.world == s.rank)
         say(f"picking the lr on {len(held)} training images held out ({len(fit)} fit)")
 
+        fit_batches = batches_for(fit)  # the same batches for every lr of the grid
+
         def run_one(lr_: float):
-            probe, _ = train_probe(batches_for(fit), steps(len(fit)), s.dim, classes, lr_, cfg, s.device, None,
+            probe, _ = train_probe(fit_batches, steps(len(fit)), s.dim, classes, lr_, cfg, s.device, None,
                                    progress(f"select lr {lr_:g}", cfg.epochs, "held-out"), stats)
             return evaluate(probe, held_f)
 

@@ -52,6 +52,9 @@ def use_triton(backend: str, tensors: Iterable[torch.Tensor]) -> bool:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
+    tensors = list(tensors)
+    if backend == "auto" and not interpreting():  # the common case, without building a device set
+        return bool(tensors) and all(t.is_cuda for t in tensors) and triton_available()
     devices = {t.device.type for t in tensors}
     runnable = devices == {"cuda"} or (devices == {"cpu"} and interpreting())
     if backend == "triton":

@@ -19,11 +19,11 @@ to fp32 rounding whatever the momentum.
 from __future__ import annotations
 
 import operator
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 
-from ._backend import BACKENDS, interpreting, use_triton
+from ._backend import BACKENDS, use_triton
 from .launches import EMA_BLOCK, ema_launch
 
 Momentum = Union[float, torch.Tensor]
@@ -98,8 +98,8 @@ def _reference_(targets, onlines, momentum: Momentum, groups, stochastic: bool, 
         m64 = momentum.double()
         m64 = torch.where((m64 >= 0) & (m64 <= 1), m64, torch.ones_like(m64))
         w64 = 1 - m64
+    whole = len(groups) == 1
     for g, ((tdt, odt), idx) in enumerate(groups.items()):
-        whole = len(groups) == 1
         ts, os_ = (targets, onlines) if whole else ([targets[i] for i in idx], [onlines[i] for i in idx])
         sr = stochastic and tdt == torch.bfloat16
         if tdt == odt and not sr and not isinstance(momentum, torch.Tensor):
@@ -108,9 +108,8 @@ def _reference_(targets, onlines, momentum: Momentum, groups, stochastic: bool, 
             continue
         # fp32 maths (fp64 when a side is fp64), rounded once to the target's dtype.
         cdt = torch.promote_types(torch.promote_types(tdt, odt), torch.float32)
-        in_place = tdt == cdt or (tdt == odt and not sr and not isinstance(momentum, torch.Tensor))
-        xs = ts if in_place else [t.to(cdt) for t in ts]
-        ys = os_ if (odt == cdt or in_place and odt == tdt) else [o.to(cdt) for o in os_]
+        xs = ts if tdt == cdt else [t.to(cdt) for t in ts]
+        ys = os_ if odt == cdt else [o.to(cdt) for o in os_]
         if isinstance(momentum, torch.Tensor):
             torch._foreach_mul_(xs, m64.to(cdt))
             torch._foreach_add_(xs, torch._foreach_mul(ys, w64.to(cdt)))
@@ -340,9 +339,6 @@ def ema_update_(targets: Sequence[torch.Tensor], onlines: Sequence[torch.Tensor]
         return
     momentum = _check_momentum(momentum, targets[0].device)
     # The backend follows tensor 0's device; a plan is built only after every tensor is checked.
-    # (CPU tensors without the interpreter take the reference: decided without use_triton's
-    # device set, a measurable share of a small model's update on CPU.)
-    use_kernel = (False if backend == "auto" and not targets[0].is_cuda and not interpreting()
-                  else use_triton(backend, targets[:1]))
+    use_kernel = use_triton(backend, targets[:1])
     _ema_(targets, onlines, momentum, use_kernel, strict=backend == "triton",
           stochastic_rounding=stochastic_rounding, seed=seed)

@@ -31,7 +31,7 @@ GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 
 # ----------------------------------------------------------------------------- geometry (host)
 
-_CROP_TRIES = 10
+CROP_TRIES = 10  # torchvision RandomResizedCrop's tries before its centred fallback
 
 
 def crop_boxes(u: np.ndarray, heights: np.ndarray, widths: np.ndarray, scale: Tuple[float, float],
@@ -127,11 +127,11 @@ class ViewDraws:
 
 
 # Per view, the uniforms each choice reads (a fixed layout: turning an op off changes no other draw).
-_TRY = slice(0, 4 * _CROP_TRIES)  # crop tries: area share, log ratio, top, left
-_FLIP, _JITTER, _GRAY, _BLUR, _SOLARIZE, _SIGMA = range(4 * _CROP_TRIES, 4 * _CROP_TRIES + 6)
-_FACTORS = slice(4 * _CROP_TRIES + 6, 4 * _CROP_TRIES + 10)  # brightness, contrast, saturation, hue
-_ORDER = slice(4 * _CROP_TRIES + 10, 4 * _CROP_TRIES + 14)  # sort keys of the four jitter ops
-DRAWS_PER_VIEW = 4 * _CROP_TRIES + 14
+_TRY = slice(0, 4 * CROP_TRIES)  # crop tries: area share, log ratio, top, left
+_FLIP, _JITTER, _GRAY, _BLUR, _SOLARIZE, _SIGMA = range(4 * CROP_TRIES, 4 * CROP_TRIES + 6)
+_FACTORS = slice(4 * CROP_TRIES + 6, 4 * CROP_TRIES + 10)  # brightness, contrast, saturation, hue
+_ORDER = slice(4 * CROP_TRIES + 10, 4 * CROP_TRIES + 14)  # sort keys of the four jitter ops
+DRAWS_PER_VIEW = 4 * CROP_TRIES + 14
 
 
 def draw_samples(indices, heights, widths, aug: AugmentConfig, seed: int, epoch: int
@@ -157,7 +157,7 @@ def draw_samples(indices, heights, widths, aug: AugmentConfig, seed: int, epoch:
         factors = spread * (2 * f - 1) + np.array([1.0, 1.0, 1.0, 0.0])
         lo, hi = aug.blur_sigma
         views.append(ViewDraws(
-            boxes=crop_boxes(u[:, _TRY].reshape(n, _CROP_TRIES, 4), heights, widths, aug.crop_scale, aug.crop_ratio),
+            boxes=crop_boxes(u[:, _TRY].reshape(n, CROP_TRIES, 4), heights, widths, aug.crop_scale, aug.crop_ratio),
             flip=u[:, _FLIP] < v.flip_p, jitter=u[:, _JITTER] < v.jitter_p, factors=factors,
             order=np.argsort(u[:, _ORDER], axis=1, kind="stable").astype(np.int64),
             gray=u[:, _GRAY] < v.grayscale_p, blur=u[:, _BLUR] < v.blur_p,
@@ -378,7 +378,7 @@ def unnormalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
 
 
 __all__ = [
-    "ViewDraws", "draw_samples", "draw_batch", "crop_boxes", "crop_resize", "crop_pair", "DRAWS_PER_VIEW",
+    "ViewDraws", "draw_samples", "draw_batch", "crop_boxes", "crop_resize", "crop_pair", "DRAWS_PER_VIEW", "CROP_TRIES",
     "center_view", "augment_view", "photometric_view", "crop_resize_batch",
     "augment_pair", "color_jitter", "gaussian_blur", "grayscale", "adjust_hue",
     "normalize", "unnormalize",

@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # Tensor methods and torch functions that read device data on the host, or upload Python data.
 _READS = {"item", "__bool__", "__float__", "__int__", "__index__", "__complex__", "tolist", "numpy", "cpu",
           "nonzero", "masked_select", "unique", "unique_consecutive", "equal", "allclose", "is_nonzero"}
-_UPLOADS = {"tensor", "as_tensor", "from_numpy"}
+_UPLOADS = {"tensor", "as_tensor"}  # (from_numpy takes no device: never an upload)
 # The same at the aten level, for ops reached from C++ (e.g. boolean indexing calls nonzero).
 _ATEN = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
          "is_nonzero", "equal"}
@@ -55,15 +55,16 @@ class HostSync:
 
 
 def _ignored(filename: str) -> bool:
-    # torch's own frames, and Triton's interpreter (on a GPU a launch, not a read).
-    return filename.startswith(_TORCH_DIR) or f"{os.sep}triton{os.sep}" in filename or filename == __file__
+    return filename.startswith(_TORCH_DIR) or filename == __file__  # torch's own frames, and ours
 
 
 def _record(out: List[HostSync], what: str) -> None:
     frames = traceback.extract_stack()[:-1]
+    if any(f"{os.sep}triton{os.sep}" in f.filename for f in frames):
+        return  # inside the Triton interpreter: running a kernel on CPU (on a GPU a launch), not a host read
     where = next((f for f in reversed(frames) if not _ignored(f.filename)), None)
-    if where is None or any(f"{os.sep}triton{os.sep}" in f.filename for f in frames):
-        return  # inside the Triton interpreter: running a kernel on CPU, not a host read
+    if where is None:
+        return
     out.append(HostSync(what, f"{os.path.relpath(where.filename)}:{where.lineno} in {where.name}",
                         "".join(traceback.format_list(frames[-12:]))))
 

@@ -3,7 +3,8 @@
 * the **centre view** (resize + centre crop, :func:`fastbyol.augment.center_view`): kNN, the
   probe's validation set and its precomputed-features mode;
 * the **probe's training view** (the linear protocol's random resized crop + horizontal flip),
-  drawn from ``default_rng((seed, epoch, index))``, so a view depends on the image alone,
+  drawn from the counter-based uniforms of ``(seed, epoch, index)`` (:mod:`fastbyol.counter_rng`,
+  a stream of its own), so a view depends on the image alone,
   never on the number of ranks or the batch it falls in.
 
 Every item carries its sample index, so features computed on several ranks can be put back
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..augment import center_view, crop_boxes, crop_resize
+from ..augment import CROP_TRIES, center_view, crop_boxes, crop_resize
 from ..counter_rng import counter_uniforms
 from .image_source import ImageSource
 from .torch_loader import open_rgb
@@ -48,12 +49,13 @@ class EvalViews(Dataset):
         if self.crop_scale is None:
             view = center_view(img, self.size)
         else:
-            # 10 crop tries of 4 uniforms, then the flip; a stream of its own (not the BYOL views')
-            u = counter_uniforms(self.seed ^ PROBE_STREAM, self.epoch, [i], 41)
+            # the crop tries' uniforms (4 each), then the flip's; a stream of its own (not the BYOL views')
+            tries = 4 * CROP_TRIES
+            u = counter_uniforms(self.seed ^ PROBE_STREAM, self.epoch, [i], tries + 1)
             width, height = img.size
-            box = crop_boxes(u[:, :40].reshape(1, 10, 4), [height], [width], self.crop_scale, PROBE_RATIO)[0]
+            box = crop_boxes(u[:, :tries].reshape(1, CROP_TRIES, 4), [height], [width], self.crop_scale, PROBE_RATIO)[0]
             view = crop_resize(img, tuple(int(b) for b in box), self.size)
-            if u[0, 40] < 0.5:
+            if u[0, tries] < 0.5:
                 view = np.ascontiguousarray(view[:, :, ::-1])
         return torch.from_numpy(view), int(self.source.labels[i]), i
 

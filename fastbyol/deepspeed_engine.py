@@ -59,8 +59,8 @@ import torch.distributed as tdist
 from .backbones import memory_format
 from .checkpoint import atomic_save, fsync_dir, load_checkpoint, safe_load, write_checkpoint
 from .config import Config
-from .distributed import (average_buffers, backend_for, barrier, broadcast_module_state, close_process_group,
-                          convert_sync_batchnorm, ensure_env)
+from .distributed import (backend_for, barrier, broadcast_module_state, close_process_group,
+                          convert_sync_batchnorm, ensure_env, mean_over_ranks_)
 from .engine import StepSeen, autocast_context
 from .errors import FastByolError
 from .optim import build_optimizer
@@ -272,28 +272,26 @@ class DeepSpeedEngine:
         ranks, and each rank also writes its own into the tag, so that a resume at the same world
         size continues exactly. A checkpoint must not change the run, so the live statistics are
         averaged in place only at the ``final`` one (then the replicas end identical)."""
-        own_file = None
+        own = None
         if not self.sync_bn and self.dist.world_size > 1:
             own = self._own_buffers()
-            average_buffers(self.model.online, self.model.target)
-            state = dict(state, online={k: v.clone() for k, v in self.model.online.state_dict().items()},
-                         target={k: v.clone() for k, v in self.model.target.state_dict().items()}
-                         if self.model.target is not None else None)
-            if not final:
+            mean = {net: {k: b.clone() for k, b in bufs.items()} for net, bufs in own.items()}
+            mean_over_ranks_([b for bufs in mean.values() for b in bufs.values()])
+            state = dict(state, **{net: {k: mean[net].get(k, v) for k, v in state[net].items()} for net in mean})
+            if final:  # the replicas end identical
                 with torch.no_grad():
-                    for net, bufs in own.items():
+                    for net, bufs in mean.items():
                         for k, b in getattr(self.model, net).named_buffers():
                             if k in bufs:
                                 b.copy_(bufs[k])
-            own_file = own
         folder = os.path.dirname(os.path.abspath(path))
         ds_dir, step = os.path.join(folder, DS_DIR), int(state["step"])
         tag = self._free_tag(ds_dir, step)
         client = {"fastbyol_step": step,
                   "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
         self.ds.save_checkpoint(ds_dir, tag=tag, client_state=client)
-        if own_file is not None:
-            atomic_save(own_file, os.path.join(ds_dir, tag, f"fastbyol_buffers_rank{self.dist.rank}.pt"))
+        if own is not None:
+            atomic_save(own, os.path.join(ds_dir, tag, f"fastbyol_buffers_rank{self.dist.rank}.pt"))
         barrier()
         if self.dist.is_main:
             fsync_dir(ds_dir)

@@ -10,7 +10,7 @@ replicas are made identical here, explicitly:
   optimizer maths, the same EMA;
 * BatchNorm running statistics are identical under synchronised BatchNorm (``dist.sync_bn``,
   the paper's setting, on any device: :mod:`fastbyol.sync_batchnorm`). Without it
-  (``--dist.sync_bn false``) each rank's follow its own shard; :func:`average_buffers` replaces
+  (``--dist.sync_bn false``) each rank's follow its own shard; :func:`mean_over_ranks_` replaces
   them by their mean over ranks (timm's ``distribute_bn(reduce=True)``) in every checkpoint, so
   the saved model is the same whichever rank wrote it (the live ones only at the final
   checkpoint; see :meth:`fastbyol.deepspeed_engine.DeepSpeedEngine.save`).
@@ -92,19 +92,14 @@ def broadcast_module_state(*modules: Optional[nn.Module], src: int = 0) -> None:
 
 
 @torch.no_grad()
-def average_buffers(*modules: Optional[nn.Module]) -> None:
-    """Replace every floating-point buffer (BatchNorm running mean/var) by its mean over ranks.
-    Integer buffers (``num_batches_tracked``) are equal on all ranks already and left alone."""
+def mean_over_ranks_(tensors) -> None:
+    """Replace each tensor by its mean over ranks (in place; nothing with one rank)."""
     world = world_size()
     if world <= 1:
         return
-    for m in modules:
-        if m is None:
-            continue
-        for b in m.buffers():
-            if b.is_floating_point():
-                tdist.all_reduce(b.data, op=tdist.ReduceOp.SUM)
-                b.data.div_(world)
+    for t in tensors:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        t.div_(world)
 
 
 def rank_and_world() -> Tuple[int, int]:

@@ -32,6 +32,7 @@ from fastbyol_kernels import byol_loss
 from ..batch_views import TwoViews
 from ..config import AugmentConfig
 from ..model import BYOL as FastBYOL
+from ..sync_batchnorm import convert_to_sync_free
 
 __all__ = ["BYOL", "BYOLTrainer", "MockDataset", "default_augment_config"]
 
@@ -91,7 +92,8 @@ class BYOL(nn.Module):
         moving_average_decay: the target's EMA factor τ (constant, as byol-pytorch).
         use_momentum: ``False``: no target network; the online projection with stop-gradient
             is the target, and the projector is byol-pytorch's SimSiam MLP.
-        sync_batchnorm: projector BatchNorm as SyncBatchNorm; ``None``: when a process group
+        sync_batchnorm: projector BatchNorm synchronised over ranks (fastbyol's
+            :class:`~fastbyol.sync_batchnorm.SyncFreeBatchNorm`); ``None``: when a process group
             of more than one rank is initialised (byol-pytorch's rule).
         use_simplicial_embeddings: only ``False`` (the README's and the paper's network).
         views_in_one_batch: ``True`` (byol-pytorch's way): both views go through the networks as
@@ -142,9 +144,11 @@ class BYOL(nn.Module):
         if sync_batchnorm is None:
             sync_batchnorm = tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
         if sync_batchnorm:
-            online.projector = nn.SyncBatchNorm.convert_sync_batchnorm(online.projector)
+            # fastbyol's synchronised BatchNorm: the maths of nn.SyncBatchNorm, without its host
+            # syncs, and on any backend (gloo too)
+            online.projector = convert_to_sync_free(online.projector)
             if self.model.target is not None:
-                self.model.target.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.model.target.projector)
+                self.model.target.projector = convert_to_sync_free(self.model.target.projector)
         online.projector.register_forward_pre_hook(self._check_features)
         self.to(device)
         # User augmentations as byol-pytorch pairs them (None: fastbyol's view for that side).

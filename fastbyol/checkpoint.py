@@ -116,9 +116,10 @@ def write_checkpoint(state: Dict[str, Any], path: str, keep_last: int = 0) -> Li
     _publish(numbered, path)
     steps = numbered_steps(folder)
     older = [s for s in steps if s < step]
-    for s in older[: max(0, len(older) - (keep_last - 1))]:
+    removed = older[: max(0, len(older) - (keep_last - 1))]
+    for s in removed:
         os.remove(os.path.join(folder, numbered_name(s)))
-    return numbered_steps(folder)
+    return [s for s in steps if s not in removed]
 
 
 def has_checkpoint(folder: str) -> bool:

@@ -14,6 +14,13 @@ def textured(rng, h, w):
     return np.clip(base // 2 + stripes, 0, 255).astype(np.uint8)
 
 
+def smoke_args(data, out, *extra):
+    """``fastbyol train`` arguments of a seconds-long run on ``data``: the smoke preset, the
+    reference kernels, no kNN."""
+    return ["train", "--preset", "smoke", "--data", data, "--out", str(out), "--train.kernels", "torch",
+            "--train.knn_every", "0", *extra]
+
+
 def make_image_folder(root, classes=3, per_class=8, size=(40, 48), seed=0, ext="jpg"):
     rng = np.random.default_rng(seed)
     for c in range(classes):

@@ -14,18 +14,13 @@ from fastbyol.cli import main
 from fastbyol.errors import FastByolError
 from fastbyol.finite import describe_nonfinite, nonfinite_flag, state_tensors
 
-from helpers import make_image_folder
+from helpers import make_image_folder, smoke_args
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     # 36 training images at batch 16: 2 steps per epoch.
     return make_image_folder(tmp_path_factory.mktemp("data") / "imgs", classes=2, per_class=20)
-
-
-def smoke_args(data, out, *extra):
-    return ["train", "--preset", "smoke", "--data", data, "--out", str(out), "--train.kernels", "torch",
-            "--train.knn_every", "0", *extra]
 
 
 def _run(capsys, argv):

@@ -8,17 +8,12 @@ import torch
 from fastbyol.checkpoint import load_checkpoint
 from fastbyol.cli import main
 
-from helpers import add_bad_files, make_cifar_dir, make_image_folder
+from helpers import add_bad_files, make_cifar_dir, make_image_folder, smoke_args
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("data") / "imgs", classes=2, per_class=20)
-
-
-def smoke_args(data, out, *extra):
-    return ["train", "--preset", "smoke", "--data", data, "--out", str(out), "--train.kernels", "torch",
-            "--train.knn_every", "0", *extra]
 
 
 def test_train_writes_checkpoint_metrics_and_plot(data_dir, tmp_path, capsys):

@@ -123,14 +123,23 @@ class Monitor:
         return plot_curves(self.history, os.path.join(self.out_dir, "curves.png"), self.knn_label)
 
 
-def plot_curves(history: List[Dict], path: str, knn_label: str = "weighted kNN") -> Optional[str]:
-    """Loss (and kNN top-1, when measured) against step."""
+def headless_pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files, no screen), or None where matplotlib is
+    missing or does not load: a plot is never worth failing a run or a benchmark for."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:
+        return None
+    return plt
+
+
+def plot_curves(history: List[Dict], path: str, knn_label: str = "weighted kNN") -> Optional[str]:
+    """Loss (and kNN top-1, when measured) against step."""
+    plt = headless_pyplot()
+    if plt is None:
         log.info("matplotlib not installed: no curves.png")
         return None
     steps = [r["step"] for r in history if "loss" in r]

@@ -12,6 +12,7 @@ from typing import Dict, List
 import torch
 
 from _common import markdown_table
+from fastbyol.monitor import headless_pyplot
 
 
 def _version(module: str):
@@ -128,12 +129,8 @@ def markdown(result: Dict) -> str:
 def plot(result: Dict, path: str):
     """Images/s of every end-to-end row (parts c and f), one bar each, grouped by config; None
     without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = headless_pyplot()
+    if plt is None:
         return None
     bars = [(f"{r['config']} · {r['mode']}", r["img_s"], r["mode"]) for name, p in result["parts"].items()
             if name.startswith(("e2e", "dali")) for r in p.get("rows", []) if r.get("status") == "ok" and r.get("img_s")]

@@ -6,6 +6,7 @@ from typing import Dict, List, Optional
 import torch
 
 from _common import markdown_table
+from fastbyol.monitor import headless_pyplot
 
 from .configs import MODES, PEERS
 from .peers import PEER_INSTALL
@@ -69,12 +70,8 @@ def table_rows(rows: List[Dict]) -> List[Dict]:
 
 
 def plot(result: Dict, path: str) -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = headless_pyplot()
+    if plt is None:
         return None
     groups: Dict = {}
     for r in result["rows"]:

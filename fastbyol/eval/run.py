@@ -26,6 +26,7 @@ from ..data import resolve_sources
 from ..data.eval_views import eval_loader
 from ..data.image_source import ImageSource
 from ..errors import FastByolError
+from ..monitor import headless_pyplot
 from .encoder import LoadedEncoder, load_encoder
 from ..distributed import rank_and_world
 from .features import Features, extract_features
@@ -313,12 +314,8 @@ def run_linear(ns) -> Dict:
 
 def plot_linear(result: Dict, path: str) -> Optional[str]:
     """Loss and validation top-1/top-5 of the final probe against epoch."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
+    plt = headless_pyplot()
+    if plt is None:
         return None
     hist = result["epochs"]
     ep = [r["epoch"] for r in hist]

@@ -6,7 +6,7 @@ import triton.language as tl
 
 # The seed changes every call: unspecialised, so its value (1, a multiple of 16) never recompiles.
 @triton.jit(do_not_specialize=["seed"])
-def ema_kernel(t_blocks, o_blocks, blk_len, m_ptr, m_value, w_value, seed,
+def ema_kernel(t_blocks, o_blocks, blk_len, m_ptr, w_value, seed,
                T_DTYPE: tl.constexpr, O_DTYPE: tl.constexpr, M_IS_TENSOR: tl.constexpr,
                ALIGNED: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     # One program = one block of one tensor. The block table holds the block's own start
@@ -28,30 +28,30 @@ def ema_kernel(t_blocks, o_blocks, blk_len, m_ptr, m_value, w_value, seed,
         m64 = tl.load(m_ptr).to(tl.float64)
         if (m64 < 0.0) | (m64 > 1.0) | (m64 != m64):
             return  # outside [0, 1] or NaN: leave the target untouched (the host cannot check)
-        m = m64.to(tl.float32)
         w = (1.0 - m64).to(tl.float32)
     else:
-        m = m_value  # the host formed both in double: m_value = fp32(m), w_value = fp32(1 − m)
-        w = w_value
+        w = w_value  # the host formed 1 − m in double: w_value = fp32(1 − m)
     idx = tl.arange(0, BLOCK)
     if n == BLOCK:
         # Full block (all but at most one per tensor): unmasked, so the loads vectorise.
         t = tl.load(t_ptr + idx).to(tl.float32)
         o = tl.load(o_ptr + idx).to(tl.float32)
-        tl.store(t_ptr + idx, _round(_lerp(t, o, m, w), seed, pid, idx, T_DTYPE, STOCHASTIC, BLOCK))
+        tl.store(t_ptr + idx, _round(_lerp(t, o, w), seed, pid, idx, T_DTYPE, STOCHASTIC, BLOCK))
     else:
         mask = idx < n
         t = tl.load(t_ptr + idx, mask=mask).to(tl.float32)
         o = tl.load(o_ptr + idx, mask=mask).to(tl.float32)
-        tl.store(t_ptr + idx, _round(_lerp(t, o, m, w), seed, pid, idx, T_DTYPE, STOCHASTIC, BLOCK), mask=mask)
+        tl.store(t_ptr + idx, _round(_lerp(t, o, w), seed, pid, idx, T_DTYPE, STOCHASTIC, BLOCK), mask=mask)
 
 
 @triton.jit
-def _lerp(t, o, m, w):
-    # torch.lerp's formula (what AveragedModel and timm's ModelEmaV3 run): t + w·(o − t) for a
-    # small weight, o − m·(o − t) otherwise; m = 1 leaves t and m = 0 gives o exactly.
+def _lerp(t, o, w):
+    # torch.lerp exactly (what AveragedModel and timm's ModelEmaV3 run, on CPU and CUDA alike):
+    # fma(w, o − t, t) for a small weight, fma(w − 1, o − t, o) otherwise, with w the fp32
+    # weight; the explicit fma keeps that rounding whether or not the compiler would contract.
+    # m = 1 leaves t and m = 0 gives o exactly. (w − 1 is exact for w ≥ 0.5.)
     d = o - t
-    return tl.where(w < 0.5, t + w * d, o - m * d)
+    return tl.where(w < 0.5, tl.fma(w, d, t), tl.fma(w - 1.0, d, o))
 
 
 @triton.jit

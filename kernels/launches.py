@@ -74,20 +74,19 @@ def ema_launch(plan, momentum, stochastic_rounding: bool = False, seed: int = 0)
     Args:
         plan: one group's block table (``t_blocks``, ``o_blocks``, ``blk_len`` on the device;
             ``t_dtype``, ``o_dtype``, ``aligned``, ``block``).
-        momentum: a checked float (its ``1 − m`` formed here in double; both reach the kernel
+        momentum: a checked float (its ``1 − m`` formed here in double, reaching the kernel
             as fp32) or 0-d tensor on the plan's device (read and combined in the kernel).
         stochastic_rounding: round to bf16 stochastically (only bf16 targets do).
         seed: the stochastic-rounding stream, below 2**31.
     """
     m_is_tensor = isinstance(momentum, torch.Tensor)
-    if m_is_tensor:  # the scalars are unused
-        m_ptr, m_value, w_value = momentum, 0.0, 0.0
+    if m_is_tensor:  # the scalar is unused
+        m_ptr, w_value = momentum, 0.0
     else:  # the pointer is unused: any tensor will do
-        m_ptr, m_value, w_value = plan.blk_len, momentum, 1.0 - momentum
+        m_ptr, w_value = plan.blk_len, 1.0 - momentum
     return Launch(
         "_triton_ema", "ema_kernel", (plan.blk_len.numel(),),
-        dict(t_blocks=plan.t_blocks, o_blocks=plan.o_blocks, blk_len=plan.blk_len, m_ptr=m_ptr, m_value=m_value,
-             w_value=w_value, seed=seed),
+        dict(t_blocks=plan.t_blocks, o_blocks=plan.o_blocks, blk_len=plan.blk_len, m_ptr=m_ptr, w_value=w_value, seed=seed),
         dict(T_DTYPE=_tl_dtype(plan.t_dtype), O_DTYPE=_tl_dtype(plan.o_dtype), M_IS_TENSOR=m_is_tensor,
              ALIGNED=plan.aligned, STOCHASTIC=bool(stochastic_rounding and plan.t_dtype == torch.bfloat16),
              BLOCK=plan.block),

@@ -186,3 +186,25 @@ def test_works_without_triton():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("two_pairs", [True, False])
+def test_low_precision_gradients_are_the_fp32_ones_rounded_to_nearest_even(dtype, two_pairs):
+    # The kernel computes in fp32 from the upcast inputs and rounds each gradient once: so the
+    # low-precision gradients are, bit for bit, torch's rounding of the gradients the kernel
+    # computes from the same values in fp32 (a truncating cast, the interpreter's own, fails).
+    from conftest import COMPILED_SEMANTICS
+
+    assert COMPILED_SEMANTICS
+    low = _inputs(5, 37, dtype, seed=3)
+    high = [x.detach().float().requires_grad_() for x in low]
+    for xs in (low, high):
+        if two_pairs:
+            byol_loss(*xs, backend="triton").backward()
+        else:
+            (normalized_l2_loss(xs[0], xs[2], backend="triton") * torch.arange(1.0, 6.0)).sum().backward()
+    for lo, hi in zip(low, high):
+        if hi.grad is not None:
+            assert lo.grad.dtype == dtype
+            assert torch.equal(lo.grad, hi.grad.to(dtype)), f"{(lo.grad != hi.grad.to(dtype)).sum().item()} differ"

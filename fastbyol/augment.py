@@ -9,7 +9,8 @@
   bicubic).
 * Photometry, batched on the training device: :func:`augment_view` applies flip, colour
   jitter (random order), grayscale, Gaussian blur, solarisation and normalisation to a whole
-  uint8 batch, following each sample's draws.
+  uint8 batch, following each sample's draws; :func:`fused_view` does the same in one fused
+  Triton pass (blur excepted) where ``train.kernels`` chooses it (CUDA under ``auto``).
 
 The DALI path (:mod:`fastbyol.data.dali`) reads the same :class:`AugmentConfig` and draws.
 """
@@ -362,13 +363,55 @@ def normalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
 
 
 def augment_pair(crops: torch.Tensor, cfg: AugmentConfig, draws: Tuple[ViewDraws, ViewDraws],
-                 out_dtype: torch.dtype = torch.float32, channels_last: bool = False
+                 out_dtype: torch.dtype = torch.float32, channels_last: bool = False, backend: str = "torch"
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Both views from uint8 crops ``[B, 2, 3, S, S]`` (view 1 crop, view 2 crop) and the two
-    views' draws (numpy or tensors; moved to the crops' device)."""
+    views' draws (numpy or tensors; moved to the crops' device). ``backend`` (``train.kernels``):
+    ``torch`` runs :func:`augment_view`; ``triton``, or ``auto`` on CUDA, the fused kernel
+    (:func:`fused_view`), which gives the same views to fp32 rounding."""
+    from fastbyol_kernels._backend import use_triton
+
+    if backend != "torch" and use_triton(backend, [crops]):
+        return (fused_view(crops[:, 0], cfg.view1, cfg, draws[0], out_dtype, channels_last, backend),
+                fused_view(crops[:, 1], cfg.view2, cfg, draws[1], out_dtype, channels_last, backend))
     d1, d2 = (d.to(crops.device) for d in draws)
     return (augment_view(crops[:, 0], cfg.view1, cfg, d1, out_dtype, channels_last),
             augment_view(crops[:, 1], cfg.view2, cfg, d2, out_dtype, channels_last))
+
+
+def photometric_params(d: ViewDraws) -> np.ndarray:
+    """One view's draws as the per-sample table of :func:`fastbyol_kernels.augment.photometric`
+    (columns ``PARAM_COLUMNS``: flip, jitter, the four factors, the op at each stage, gray,
+    solarize), float32 ``[n, 12]`` on the host (one copy to the device)."""
+    d = _on_host(d)
+    return np.column_stack([d.flip, d.jitter, d.factors, d.order, d.gray, d.solarize]).astype(np.float32)
+
+
+def _on_host(d: ViewDraws) -> ViewDraws:
+    """Numpy draws (tensors on a GPU are read back: a sync; the loaders pass numpy draws)."""
+    if not isinstance(d.flip, torch.Tensor):
+        return d
+    return ViewDraws(**{f.name: getattr(d, f.name).cpu().numpy() for f in fields(d)})
+
+
+def fused_view(x: torch.Tensor, view: ViewConfig, cfg: AugmentConfig, d: ViewDraws,
+               out_dtype: torch.dtype = torch.float32, channels_last: bool = False, backend: str = "auto"
+               ) -> torch.Tensor:
+    """:func:`augment_view` (uint8 crops) or :func:`photometric_view` (float in [0, 1]) by the
+    fused Triton kernel (:func:`fastbyol_kernels.augment.photometric`): one pass over the
+    pixels for flip, colour jitter, grayscale, solarisation and normalisation, the blurred
+    samples (host-known from the draws: no device sync) blurred by :func:`gaussian_blur` in
+    between. Same draws, same order of ops; values equal to the torch path's to fp32 rounding."""
+    from fastbyol_kernels.augment import photometric
+
+    d = _on_host(d)
+    blurred = np.flatnonzero(d.blur) if view.blur_p > 0 else None
+    blur = None
+    if blurred is not None and len(blurred):
+        sigma = torch.from_numpy(np.asarray(d.sigma[blurred], dtype=np.float32)).to(x.device, non_blocking=True)
+        blur = lambda images, _: gaussian_blur(images, sigma, cfg.blur_kernel_size)  # noqa: E731
+    return photometric(x, torch.from_numpy(photometric_params(d)), cfg.mean, cfg.std, out_dtype=out_dtype,
+                       channels_last=channels_last, blurred=blurred, blur=blur, backend=backend)
 
 
 def unnormalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
@@ -380,6 +423,6 @@ def unnormalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
 __all__ = [
     "ViewDraws", "draw_samples", "draw_batch", "crop_boxes", "crop_resize", "crop_pair", "DRAWS_PER_VIEW", "CROP_TRIES",
     "center_view", "augment_view", "photometric_view", "crop_resize_batch",
-    "augment_pair", "color_jitter", "gaussian_blur", "grayscale", "adjust_hue",
+    "augment_pair", "fused_view", "photometric_params", "color_jitter", "gaussian_blur", "grayscale", "adjust_hue",
     "normalize", "unnormalize",
 ]

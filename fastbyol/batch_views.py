@@ -13,8 +13,9 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from fastbyol_kernels._backend import use_triton
 
-from .augment import crop_resize_batch, draw_samples, photometric_view
+from .augment import crop_resize_batch, draw_samples, fused_view, photometric_view
 from .config import AugmentConfig
 
 
@@ -24,6 +25,8 @@ class TwoViews:
     Args:
         cfg: the augmentation (default: BYOL's two views, ImageNet statistics, at 224 px).
         which: ``(0, 1)`` both views; ``(0,)`` or ``(1,)`` only that one (returned alone).
+        kernels: the photometric half by the fused Triton kernel (``triton``, or ``auto`` on
+            CUDA; :func:`~fastbyol.augment.fused_view`) or by the torch ops (``torch``).
 
     Random choices: ``keys = (seed, epoch, indices)`` gives image ``k`` the choices of sample
     ``indices[k]`` (:func:`~fastbyol.augment.draw_samples`, the loaders' counter-based draws);
@@ -37,9 +40,10 @@ class TwoViews:
         (torch.Size([4, 3, 16, 16]), torch.Size([4, 3, 16, 16]))
     """
 
-    def __init__(self, cfg: Optional[AugmentConfig] = None, which: Tuple[int, ...] = (0, 1)):
+    def __init__(self, cfg: Optional[AugmentConfig] = None, which: Tuple[int, ...] = (0, 1), kernels: str = "torch"):
         self.cfg = cfg or AugmentConfig()
         self.which = tuple(which)
+        self.kernels = kernels
 
     def draws(self, n: int, height: int, width: int, keys: Optional[Tuple[int, int, Sequence[int]]] = None):
         if keys is None:
@@ -56,8 +60,12 @@ class TwoViews:
         boxes = torch.from_numpy(np.concatenate([draws[v].boxes for v in self.which]))
         x = images if len(self.which) == 1 else images.repeat(len(self.which), 1, 1, 1)
         crops = crop_resize_batch(x, boxes, self.cfg.image_size).chunk(len(self.which))
-        out = tuple(photometric_view(c, views[v], self.cfg, draws[v].to(images.device), images.dtype)
-                    for c, v in zip(crops, self.which))
+        if self.kernels != "torch" and use_triton(self.kernels, [images]):
+            out = tuple(fused_view(c, views[v], self.cfg, draws[v], images.dtype, backend=self.kernels)
+                        for c, v in zip(crops, self.which))
+        else:
+            out = tuple(photometric_view(c, views[v], self.cfg, draws[v].to(images.device), images.dtype)
+                        for c, v in zip(crops, self.which))
         return out if len(out) > 1 else out[0]
 
     def __repr__(self) -> str:

@@ -162,3 +162,51 @@ def grads_of(launch: Launch):
     c, a = launch.constexprs, launch.args
     needs = (c["NEED_P"], c["NEED_Z"], c["NEED_P"] and c["TWO_PAIRS"], c["NEED_Z"] and c["TWO_PAIRS"])
     return tuple(a[k] if need else None for k, need in zip(("gp_ptr", "gz_ptr", "gq_ptr", "gy_ptr"), needs))
+
+
+# ----------------------------------------------------------------------------- photometric augmentation
+
+AUGMENT_BLOCK = 512  # pixels (x 3 channels) per program: 4 per thread at 4 warps, the hue round trip in registers
+AUGMENT_WARPS = 4
+AUGMENT_PARAMS = 12  # columns of the per-sample parameter table (augment.PARAM_COLUMNS)
+
+
+def augment_blocks(hw: int) -> Tuple[int, int, int]:
+    """``(BLOCK, tiles per sample, num_warps)`` for ``hw`` pixels a sample: tiles of at most
+    :data:`AUGMENT_BLOCK` pixels (smaller images: one power-of-two tile, fewer warps)."""
+    block = min(AUGMENT_BLOCK, max(16, 1 << (hw - 1).bit_length()))
+    return block, _cdiv(hw, block), (AUGMENT_WARPS if block >= 512 else max(1, block // 128))
+
+
+def photometric_launches(x, params, out, slots, rows, scratch, mean, std) -> list:
+    """The passes of the fused photometric augmentation (:mod:`.augment`), in order.
+
+    Args:
+        x: ``[B, 3, H, W]`` uint8 (divided by 255) or float in [0, 1], any strides.
+        params: fp32 ``[B, AUGMENT_PARAMS]`` contiguous, the per-sample table.
+        out: ``[B, 3, H, W]`` output (fp32, bf16, fp16), any strides.
+        slots: int32 ``[B]``: the sample's row in ``scratch`` if it is blurred, else -1.
+        rows: int32 ``[n_blurred]``: the sample of each scratch row (``slots``' inverse).
+        scratch: fp32 ``[n_blurred, 3, H, W]`` contiguous (any fp32 tensor when none is blurred).
+        mean, std: three floats each (normalisation).
+
+    Pass 0 (``B x tiles`` programs) writes contrast's per-tile grey sums into a zeroed
+    ``[B, tiles]`` fp32 table (``args["partial_ptr"]``), pass 1 the finished views of the
+    samples not blurred and the blurred samples' pre-blur values into ``scratch``, pass 2 (only
+    when some sample is blurred; ``n_blurred x tiles``) finishes those from ``scratch``.
+    """
+    B, _, H, W = x.shape
+    block, n_tiles, warps = augment_blocks(H * W)
+    partial = torch.zeros(B, n_tiles, device=x.device, dtype=torch.float32)
+    args = dict(x_ptr=x, params_ptr=params, partial_ptr=partial, out_ptr=out, scratch_ptr=scratch, slot_ptr=slots,
+                rows_ptr=rows, H=H, W=W, n_tiles=n_tiles, sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2),
+                sxw=x.stride(3), sob=out.stride(0), soc=out.stride(1), soh=out.stride(2), sow=out.stride(3),
+                mean0=float(mean[0]), mean1=float(mean[1]), mean2=float(mean[2]),
+                std0=float(std[0]), std1=float(std[1]), std2=float(std[2]))
+    const = dict(IN_UINT8=x.dtype == torch.uint8, BLOCK=block, TILES_POW2=max(2, 1 << (n_tiles - 1).bit_length()))
+    launches = [Launch("_triton_augment", "photometric_kernel", (n_tiles, B), args, dict(PASS=p, **const), warps)
+                for p in (0, 1)]
+    if rows.numel():
+        launches.append(Launch("_triton_augment", "photometric_kernel", (n_tiles, rows.numel()), args,
+                               dict(PASS=2, **const), warps))
+    return launches

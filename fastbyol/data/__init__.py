@@ -79,4 +79,4 @@ def build_train_loader(cfg: Config, source: ImageSource, device: torch.device, m
         return DaliTwoViewLoader(source, cfg.augment, micro_batch, device, **kwargs)
     from .torch_loader import TorchTwoViewLoader
 
-    return TorchTwoViewLoader(source, cfg.augment, micro_batch, device, **kwargs)
+    return TorchTwoViewLoader(source, cfg.augment, micro_batch, device, kernels=cfg.train.kernels, **kwargs)

@@ -159,14 +159,16 @@ class TorchTwoViewLoader(EpochBatchLoader):
         aug: augmentation parameters (shared with the DALI path).
         batch_size: per-rank micro-batch.
         device: where views are produced (the training device).
+        kernels: ``train.kernels``: the photometric half on ``device`` by the fused Triton
+            kernel (``triton``, or ``auto`` on CUDA) or by the torch ops (``torch``).
     """
 
     def __init__(self, source: ImageSource, aug: AugmentConfig, batch_size: int, device: torch.device,
                  seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 2,
-                 channels_last: bool = False, out_dtype: torch.dtype = torch.float32):
+                 channels_last: bool = False, out_dtype: torch.dtype = torch.float32, kernels: str = "torch"):
         super().__init__(len(source), batch_size, device, seed, rank, world_size, workers)
         self.source, self.aug = source, aug
-        self.channels_last, self.out_dtype = channels_last, out_dtype
+        self.channels_last, self.out_dtype, self.kernels = channels_last, out_dtype, kernels
         self.dataset = TwoCropDataset(source, aug, seed)
         self._skipped = 0
         self.bad_files: List[str] = []
@@ -192,7 +194,7 @@ class TorchTwoViewLoader(EpochBatchLoader):
                 yield TwoViewBatch(crops[0], crops[1], labels)
             else:
                 v1, v2 = augment_pair(crops.to(self.device, non_blocking=True), self.aug, draws,
-                                      self.out_dtype, self.channels_last)
+                                      self.out_dtype, self.channels_last, backend=self.kernels)
                 yield TwoViewBatch(v1, v2, labels.to(self.device, non_blocking=True))
 
     def _note_bad(self, bad: List[str]) -> None:

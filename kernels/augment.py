@@ -1,0 +1,186 @@
+"""Fused photometric augmentation: BYOL's per-sample colour pipeline in one pass over the pixels.
+
+For each sample ``b`` of a ``[B, 3, H, W]`` batch (uint8, divided by 255, or float in [0, 1]),
+following row ``b`` of a parameter table (:data:`PARAM_COLUMNS`):
+
+1. horizontal flip;
+2. if ``jitter``: brightness, contrast, saturation and hue (torchvision ColorJitter), op
+   ``order[k]`` at stage ``k`` (0 brightness, 1 contrast, 2 saturation, 3 hue), each result
+   clamped to [0, 1] (hue excepted); contrast blends towards the mean grey of the image *as
+   the ops before it left it*; a hue shift of 0 leaves the sample unchanged;
+3. grayscale (ITU-R 601 luma in all three channels);
+4. Gaussian blur of the samples in ``blurred``, by the caller's ``blur`` (not fused);
+5. solarisation (``x >= 0.5 -> 1 - x``);
+6. ``(x - mean) / std`` per channel, rounded once to the output dtype.
+
+The Triton path reads each input value twice (a first pass for contrast's grey means) and
+writes each output value once; blurred samples also go through an fp32 scratch buffer, which
+``blur`` receives. Every op computes in fp32: the values match :func:`photometric_reference`
+(and ``fastbyol.augment.photometric_view``) to fp32 rounding, and a bf16/fp16 output is that
+fp32 value rounded to nearest even.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ._backend import use_triton
+from .launches import AUGMENT_PARAMS, photometric_launches
+
+PARAM_COLUMNS = ("flip", "jitter", "brightness", "contrast", "saturation", "hue",
+                 "order0", "order1", "order2", "order3", "gray", "solarize")
+assert len(PARAM_COLUMNS) == AUGMENT_PARAMS
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+Blur = Callable[[torch.Tensor, np.ndarray], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- reference
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _blend(f: torch.Tensor, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    return (f * x + (1 - f) * other).clamp(0, 1)
+
+
+def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
+    d = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    i6 = torch.floor(h * 6.0)
+    f = h * 6.0 - i6
+    i = (i6.long() % 6).unsqueeze(1)
+    v = maxc
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    table = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])
+    out = table.gather(0, i.unsqueeze(0).expand(1, -1, 3, -1, -1)).squeeze(0)
+    return torch.where((shift != 0).view(-1, 1, 1, 1), out, x)
+
+
+@torch.no_grad()
+def photometric_reference(x: torch.Tensor, params: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
+                          out_dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                          blurred: Optional[np.ndarray] = None, blur: Optional[Blur] = None,
+                          compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Plain PyTorch :func:`photometric` (the CPU fallback), computing in ``compute_dtype``
+    (float64 for the tests' reference). Every op runs on the whole batch and ``torch.where``
+    keeps each sample's choice."""
+    _check(x, params, out_dtype, blurred, blur)
+    col = params.to(x.device, compute_dtype).unbind(1)
+    c = dict(zip(PARAM_COLUMNS, col))
+    per = lambda v: v.view(-1, 1, 1, 1)  # noqa: E731
+    y = x.to(compute_dtype) / 255 if x.dtype == torch.uint8 else x.to(compute_dtype)
+    y = torch.where(per(c["flip"] != 0), y.flip(3), y)
+    jitter = c["jitter"] != 0
+    for stage in range(4):
+        op = c[f"order{stage}"]
+        f_b, f_c, f_s = per(c["brightness"]), per(c["contrast"]), per(c["saturation"])
+        choices = (lambda z: (f_b * z).clamp(0, 1),
+                   lambda z: _blend(f_c, z, _gray(z).mean(dim=(1, 2, 3), keepdim=True)),
+                   lambda z: _blend(f_s, z, _gray(z)),
+                   lambda z: _hue(z, c["hue"]))
+        for k, fn in enumerate(choices):
+            y = torch.where(per(jitter & (op == k)), fn(y), y)
+    y = torch.where(per(c["gray"] != 0), _gray(y).expand_as(y), y)
+    if blurred is not None and len(blurred):
+        idx = torch.as_tensor(np.asarray(blurred), dtype=torch.long, device=y.device)
+        y = y.index_copy(0, idx, blur(y.index_select(0, idx), np.asarray(blurred)).to(y.dtype))
+    y = torch.where(per(c["solarize"] != 0) & (y >= 0.5), 1 - y, y)
+    m = torch.tensor(list(mean), dtype=compute_dtype, device=y.device).view(1, 3, 1, 1)
+    sd = torch.tensor(list(std), dtype=compute_dtype, device=y.device).view(1, 3, 1, 1)
+    y = (y - m) / sd
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y.to(out_dtype)
+
+
+def _check(x, params, out_dtype, blurred, blur) -> None:
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"photometric: images must be [B, 3, H, W], got {tuple(x.shape)}")
+    if not (x.dtype == torch.uint8 or x.is_floating_point()):
+        raise ValueError(f"photometric: images must be uint8 or floating, got {x.dtype}")
+    if tuple(params.shape) != (x.shape[0], len(PARAM_COLUMNS)):
+        raise ValueError(f"photometric: params must be [{x.shape[0]}, {len(PARAM_COLUMNS)}] "
+                         f"({', '.join(PARAM_COLUMNS)}), got {tuple(params.shape)}")
+    if out_dtype not in _OUT_DTYPES + (torch.float64,):
+        raise ValueError(f"photometric: out_dtype must be float32, bfloat16, float16 or float64, got {out_dtype}")
+    if blurred is not None and len(blurred) and blur is None:
+        raise ValueError("photometric: samples to blur were given without a blur function")
+
+
+# ----------------------------------------------------------------------------- Triton
+
+def _get_kernel():
+    from ._triton_augment import photometric_kernel  # triton is imported only here
+
+    return photometric_kernel
+
+
+@torch.no_grad()
+def photometric(x: torch.Tensor, params: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
+                out_dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                blurred: Optional[np.ndarray] = None, blur: Optional[Blur] = None,
+                backend: str = "auto") -> torch.Tensor:
+    """Flip, colour jitter in each sample's order, grayscale, (blur,) solarisation and
+    normalisation of a batch, per sample (the module docstring gives the order and semantics).
+
+    Args:
+        x: ``[B, 3, H, W]`` uint8 (divided by 255 first) or float in [0, 1], any strides.
+        params: ``[B, 12]`` per-sample table, columns :data:`PARAM_COLUMNS` (flags are 0/1,
+            factors as drawn, ``order0..3`` the op at each stage); any float dtype, moved to
+            ``x``'s device (build it on the host and it is one copy).
+        mean, std: the normalisation, three floats each.
+        out_dtype: float32, bfloat16 or float16 (float64 with the reference only).
+        channels_last: the output's memory format.
+        blurred: host array of the sample indices to blur between grayscale and solarisation
+            (a host array, so nothing is read back from the device to select them).
+        blur: ``blur(images, blurred) -> images``: fp32 ``[len(blurred), 3, H, W]`` in [0, 1]
+            of those samples, blurred (e.g. ``fastbyol.augment.gaussian_blur``).
+        backend: ``auto`` | ``triton`` | ``torch`` (see the package docstring).
+
+    Returns:
+        ``[B, 3, H, W]`` of ``out_dtype``.
+
+    Raises:
+        ValueError: shapes, dtypes, a blur list without a function, an unknown backend.
+        RuntimeError: ``backend="triton"`` where the kernel cannot run.
+    """
+    _check(x, params, out_dtype, blurred, blur)
+    run_kernel = use_triton(backend, [x]) and (backend == "triton" or out_dtype in _OUT_DTYPES)
+    if backend == "triton" and out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"photometric (triton): out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    if not run_kernel or x.shape[0] == 0:
+        return photometric_reference(x, params, mean, std, out_dtype=out_dtype, channels_last=channels_last,
+                                     blurred=blurred, blur=blur)
+    B, _, H, W = x.shape
+    if x.is_floating_point() and x.dtype not in _OUT_DTYPES:
+        x = x.float()  # fp64 input: the kernel reads fp32, bf16, fp16 or uint8
+    params = params.to(x.device, torch.float32, non_blocking=True).contiguous()
+    out = torch.empty(B, 3, H, W, device=x.device, dtype=out_dtype,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    blurred = np.asarray([] if blurred is None else blurred, dtype=np.int64)
+    slots_host = np.full(B, -1, dtype=np.int32)
+    slots_host[blurred] = np.arange(len(blurred), dtype=np.int32)
+    slots = torch.from_numpy(slots_host).to(x.device, non_blocking=True)
+    rows = torch.from_numpy(blurred.astype(np.int32)).to(x.device, non_blocking=True)
+    scratch = torch.empty(len(blurred), 3, H, W, device=x.device, dtype=torch.float32) if len(blurred) else params
+    first, main, *finish = photometric_launches(x, params, out, slots, rows, scratch, mean, std)
+    kernel = _get_kernel()
+    first.run(kernel)
+    main.run(kernel)
+    if finish:
+        blurred_images = blur(scratch, blurred).to(torch.float32).contiguous()  # (no-ops for the usual blur)
+        finish[0].args = {**finish[0].args, "scratch_ptr": blurred_images}
+        finish[0].run(kernel)
+    return out

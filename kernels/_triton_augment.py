@@ -108,7 +108,7 @@ def _finish(r, g, b, prm, mean0, mean1, mean2, std0, std1, std2):
 def photometric_kernel(x_ptr, params_ptr, partial_ptr, out_ptr, scratch_ptr, slot_ptr, rows_ptr,
                        H, W, n_tiles, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                        mean0, mean1, mean2, std0, std1, std2,
-                       PASS: tl.constexpr, IN_UINT8: tl.constexpr, BLOCK: tl.constexpr, TILES_POW2: tl.constexpr):
+                       PASS: tl.constexpr, IN_UINT8: tl.constexpr, BLOCK: tl.constexpr, BLOCK_TILES: tl.constexpr):
     tile = tl.program_id(0)
     hw = H * W
     idx = tile * BLOCK + tl.arange(0, BLOCK)
@@ -154,7 +154,7 @@ def photometric_kernel(x_ptr, params_ptr, partial_ptr, out_ptr, scratch_ptr, slo
         tl.store(partial_ptr + b_id * n_tiles + tile, tl.sum(y, axis=0))
         return
     if jitter:
-        t = tl.arange(0, TILES_POW2)
+        t = tl.arange(0, BLOCK_TILES)
         grey_sum = tl.sum(tl.load(partial_ptr + b_id * n_tiles + t, mask=t < n_tiles, other=0.0), axis=0)
         m = tl.math.div_rn(grey_sum, hw.to(tl.float32))  # contrast's grey mean (0 if contrast does not run)
         for st in tl.static_range(4):

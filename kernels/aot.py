@@ -38,7 +38,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .launches import EMA_BLOCK, Launch, ema_launch, loss_bwd_launch, loss_fwd_launch
+from .launches import EMA_BLOCK, Launch, ema_launch, loss_bwd_launch, loss_fwd_launch, photometric_launches
 
 CAPABILITIES = (80, 90, 100)  # A100, H100/H200, B200
 MAX_REGISTERS = 128  # per thread: 8 warps x 128 = half of an SM's register file, >= 2 blocks resident
@@ -195,6 +195,8 @@ def expects_vectors(launch: Launch) -> Tuple[bool, bool]:
     if launch.kernel == "ema_kernel":
         aligned = bool(launch.constexprs["ALIGNED"])
         return aligned, aligned
+    if launch.kernel == "photometric_kernel":  # the fp32 scratch: written by pass 1, read by pass 2
+        return launch.constexprs["PASS"] == 2, launch.constexprs["PASS"] == 1
     a = launch.args
     rows = all(a[k] == 1 for k in ("sp1", "sz1", "sq1", "sy1")) and a["D"] % 16 == 0
     aligned = all(a[k].data_ptr() % 16 == 0 for k in ("p_ptr", "z_ptr", "q_ptr", "y_ptr"))
@@ -280,10 +282,44 @@ def loss_specialisations(shapes: Iterable[Tuple[int, int]] = LOSS_SHAPES,
     return [launch for B, D in shapes for dtype in dtypes for launch in loss_launches_for(B, D, dtype)]
 
 
+AUGMENT_SIZES = ((256, 224), (512, 32), (256, 96))  # (batch, image size): ImageNet, CIFAR, STL-10
+AUGMENT_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def augment_launches_for(B: int, S: int, out_dtype: torch.dtype, in_dtype: torch.dtype = torch.uint8,
+                         channels_last: bool = False, device="meta") -> List[Launch]:
+    """The three passes of :func:`~.augment.photometric` for ``B`` views of ``S``² pixels: uint8
+    crops as the loader's (``crops[:, k]`` of ``[B, 2, 3, S, S]``) or float images, a tenth blurred."""
+    if in_dtype == torch.uint8:
+        x = torch.empty(B, 2, 3, S, S, dtype=in_dtype, device=device)[:, 0]
+    else:
+        x = torch.empty(B, 3, S, S, dtype=in_dtype, device=device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(B, 3, S, S, dtype=out_dtype, device=device, memory_format=fmt)
+    n_blur = max(1, B // 10)
+    params = torch.empty(B, 12, device=device)
+    return photometric_launches(x, params, out, torch.empty(B, dtype=torch.int32, device=device),
+                                torch.empty(n_blur, dtype=torch.int32, device=device),
+                                torch.empty(n_blur, 3, S, S, device=device), (0.5,) * 3, (0.25,) * 3)
+
+
+def augment_specialisations(sizes: Iterable[Tuple[int, int]] = AUGMENT_SIZES) -> List[Launch]:
+    """The photometric passes for uint8 crops (the loader) in each output dtype, both memory
+    formats, and float images (``TwoViews``)."""
+    out = []
+    for B, S in sizes:
+        for dtype in AUGMENT_OUT_DTYPES:
+            for channels_last in (False, True):
+                out += augment_launches_for(B, S, dtype, channels_last=channels_last)
+        out += augment_launches_for(B, S, torch.float32, torch.float32)
+    return out
+
+
 def specialisations() -> List[Launch]:
-    """Everything the package launches in training: every EMA specialisation and the loss at
-    B 32...4096 x D 128/256/4096 (and a B that is not a multiple of 16) in fp32, bf16, fp16."""
-    return ema_specialisations() + loss_specialisations()
+    """Everything the package launches in training: every EMA specialisation, the loss at
+    B 32...4096 x D 128/256/4096 (and a B that is not a multiple of 16) in fp32, bf16, fp16,
+    and the photometric augmentation at 224, 32 and 96 pixels."""
+    return ema_specialisations() + loss_specialisations() + augment_specialisations()
 
 
 def compile_key(launch: Launch) -> str:
@@ -314,8 +350,9 @@ def selection(name: str, capabilities: Sequence[int] = CAPABILITIES) -> List[Tup
     loss = loss_specialisations([(4096, 256)], [torch.float32, torch.bfloat16]) + \
         loss_specialisations([(1000, 256)], [torch.float16])
     variants = [ema[0], next(x for x in ema if x.args["m_ptr"].dtype == torch.float64)] + loss_launches_for(4096, 256, torch.float32)[:2]
+    augment = unique(augment_launches_for(256, 224, torch.bfloat16))  # the three passes, as ImageNet trains
     first, rest = capabilities[0], capabilities[1:]
-    return [(x, first) for x in ema + loss] + [(x, cc) for x in variants for cc in rest]
+    return [(x, first) for x in ema + loss + augment] + [(x, cc) for x in variants + augment[1:2] for cc in rest]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -173,9 +173,9 @@ AUGMENT_PARAMS = 12  # columns of the per-sample parameter table (augment.PARAM_
 
 def augment_blocks(hw: int) -> Tuple[int, int, int]:
     """``(BLOCK, tiles per sample, num_warps)`` for ``hw`` pixels a sample: tiles of at most
-    :data:`AUGMENT_BLOCK` pixels (smaller images: one power-of-two tile, fewer warps)."""
+    :data:`AUGMENT_BLOCK` pixels (smaller images, from 32², one power-of-two tile)."""
     block = min(AUGMENT_BLOCK, max(16, 1 << (hw - 1).bit_length()))
-    return block, _cdiv(hw, block), (AUGMENT_WARPS if block >= 512 else max(1, block // 128))
+    return block, _cdiv(hw, block), AUGMENT_WARPS
 
 
 def photometric_launches(x, params, out, slots, rows, scratch, mean, std) -> list:
@@ -203,7 +203,7 @@ def photometric_launches(x, params, out, slots, rows, scratch, mean, std) -> lis
                 sxw=x.stride(3), sob=out.stride(0), soc=out.stride(1), soh=out.stride(2), sow=out.stride(3),
                 mean0=float(mean[0]), mean1=float(mean[1]), mean2=float(mean[2]),
                 std0=float(std[0]), std1=float(std[1]), std2=float(std[2]))
-    const = dict(IN_UINT8=x.dtype == torch.uint8, BLOCK=block, TILES_POW2=max(2, 1 << (n_tiles - 1).bit_length()))
+    const = dict(IN_UINT8=x.dtype == torch.uint8, BLOCK=block, BLOCK_TILES=max(2, 1 << (n_tiles - 1).bit_length()))
     launches = [Launch("_triton_augment", "photometric_kernel", (n_tiles, B), args, dict(PASS=p, **const), warps)
                 for p in (0, 1)]
     if rows.numel():

@@ -15,11 +15,13 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
 from fastbyol_kernels import aot, byol_loss, ema_update_, normalized_l2_loss
 from fastbyol_kernels import launches as launches_mod
+from fastbyol_kernels.augment import PARAM_COLUMNS, photometric
 
 CAPS = list(aot.CAPABILITIES[1:2]) + [c for c in aot.CAPABILITIES if c != aot.CAPABILITIES[1]]  # sm_90 first
 DEFAULT_CC = CAPS[0]
@@ -164,7 +166,18 @@ def test_what_the_api_launches_is_what_is_compiled(monkeypatch):
                     ema_update_([t], [o], momentum, backend="triton", stochastic_rounding=stochastic, seed=3)
                     n_ema += 1
     assert len(seen) == 3 * 3 * 4 + n_ema
-    covered = {_shape_free(x) for x in _EMA + _LOSS}
+    n_aug = len(seen)
+    crops = torch.randint(0, 256, (5, 2, 3, 8, 8), dtype=torch.uint8)
+    params = torch.zeros(5, len(PARAM_COLUMNS))
+    for out_dtype in aot.AUGMENT_OUT_DTYPES:
+        for channels_last in (False, True):
+            for blurred in (None, np.array([1])):
+                photometric(crops[:, 1], params, (0.5,) * 3, (0.25,) * 3, out_dtype=out_dtype, blurred=blurred,
+                            blur=lambda x, _: x, channels_last=channels_last, backend="triton")
+    photometric(torch.rand(5, 3, 8, 8), params, (0.5,) * 3, (0.25,) * 3, blurred=np.array([0, 3]),
+                blur=lambda x, _: x, backend="triton")
+    assert len(seen) - n_aug == 6 * (2 + 3) + 3
+    covered = {_shape_free(x) for x in _EMA + _LOSS + aot.augment_specialisations()}
     missing = {_shape_free(x) for x in seen} - covered
     assert not missing, missing
 

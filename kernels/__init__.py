@@ -15,6 +15,10 @@ Contents:
   ``2 − 2·cos`` loss, one fused launch forward and one backward.
 - :func:`ema_update_` and :class:`ModuleEMA`: ``target ← m·target + (1 − m)·online`` over
   whole parameter lists in one pass, momentum as a float or a device tensor (fp32 or fp64).
+- :func:`photometric`: BYOL's per-sample colour augmentation (flip, colour jitter in each
+  sample's order, grayscale, solarisation, normalisation; blur by the caller in between) in
+  one pass over the pixels plus a first pass for contrast's grey means, written in the
+  training dtype.
 - Drop-ins with the peers' signatures (``drop_in.py``): :func:`get_ema_multi_avg_fn` for
   ``torch.optim.swa_utils.AveragedModel``, :class:`ModelEmaV3` (timm's), :func:`update_momentum`
   (lightly's); :func:`unwrap` looks through DDP, DeepSpeed and ``torch.compile`` wrappers.
@@ -26,6 +30,7 @@ Examples:
     >>> online, target = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
     >>> fk.ModuleEMA(online, target).update(0.99)
 """
+from .augment import photometric, photometric_reference
 from .ema import ema_update_, ema_update_reference_
 from .loss import byol_loss, byol_loss_reference, normalized_l2_loss, normalized_l2_loss_reference
 from .module_ema import ModuleEMA, unwrap
@@ -33,4 +38,4 @@ from .drop_in import ModelEmaV3, get_ema_multi_avg_fn, update_momentum
 
 __all__ = ["byol_loss", "normalized_l2_loss", "ema_update_", "ModuleEMA", "byol_loss_reference",
            "normalized_l2_loss_reference", "ema_update_reference_", "unwrap", "get_ema_multi_avg_fn",
-           "ModelEmaV3", "update_momentum"]
+           "ModelEmaV3", "update_momentum", "photometric", "photometric_reference"]

@@ -119,6 +119,25 @@ def _check(x, params, out_dtype, blurred, blur) -> None:
         raise ValueError("photometric: samples to blur were given without a blur function")
 
 
+def photometric_bytes(B: int, size: int, out_bytes: int = 2, in_bytes: int = 1, blurred: int = 0,
+                      contrast: Optional[int] = None) -> dict:
+    """DRAM bytes the Triton path moves for one view of ``B`` images of ``size``² pixels (the
+    per-sample table and the grey sums aside; the caller's blur not counted), against the floor
+    (read the input once, write the output once). ``contrast``: samples whose contrast runs
+    (pass 0 reads those; default all); ``blurred``: samples through the fp32 scratch.
+
+    Examples:
+        >>> b = photometric_bytes(256, 224)  # nothing blurred: 1.33x the floor
+        >>> round(b["total"] / b["floor"], 2)
+        1.33
+    """
+    values = 3 * size * size
+    contrast = B if contrast is None else contrast
+    read = values * (in_bytes * contrast + in_bytes * B + 4 * blurred)
+    write = values * (out_bytes * B + 4 * blurred)
+    return {"read": read, "write": write, "total": read + write, "floor": values * B * (in_bytes + out_bytes)}
+
+
 # ----------------------------------------------------------------------------- Triton
 
 def _get_kernel():

@@ -126,6 +126,47 @@ def check_ema_stochastic(device: str) -> None:
     assert abs(a.double().mean().item() - exact) < 3e-5, a.double().mean().item()
 
 
+def check_ema_equals_lerp(device: str) -> None:
+    """bf16, fp16 and fp32 targets: bit for bit ``torch.lerp(t, o, 1 − m)`` (its fma, both
+    branches, one rounding to nearest even), the value AveragedModel and timm's ModelEmaV3 get."""
+    g = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        t, o = _randn((4099,), dtype, device, g), _randn((4099,), dtype, device, g)
+        for m in (0.2, 0.9, 0.9999):
+            want = t.float().lerp(o.float(), 1 - m).to(dtype)
+            got = t.clone()
+            ema_update_([got], [o], m, backend="triton")
+            assert torch.equal(got, want), f"{str(dtype)[6:]} m={m}: {(got != want).sum().item()} of 4099 differ"
+
+
+def check_photometric(B: int, size: int, device: str, seed: int) -> None:
+    """:func:`~.augment.photometric` on uint8 crops against float64 (every op order, a tenth of
+    the samples blurred), and its bf16/fp16 outputs as the fp32 output rounded to nearest even."""
+    import numpy as np
+
+    from .augment import PARAM_COLUMNS, photometric, photometric_reference
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (B, 2, 3, size, size), dtype=torch.uint8, generator=g).to(device)[:, 1]
+    p = torch.zeros(B, len(PARAM_COLUMNS))
+    p[:, :2] = (torch.rand(B, 2, generator=g) < 0.7).float()  # flip, jitter
+    p[:, 2:5] = 0.5 + torch.rand(B, 3, generator=g)
+    p[:, 5] = 0.4 * torch.rand(B, generator=g) - 0.2
+    p[:, 6:10] = torch.stack([torch.randperm(4, generator=g) for _ in range(B)]).float()
+    p[:, 10:12] = (torch.rand(B, 2, generator=g) < 0.3).float()  # gray, solarize
+    blurred = np.arange(0, B, 10)
+    blur = lambda im, idx: torch.nn.functional.avg_pool2d(im, 3, 1, 1, count_include_pad=False)  # noqa: E731
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    got = photometric(x, p, mean, std, blurred=blurred, blur=blur, backend="triton")
+    want = photometric_reference(x, p, mean, std, blurred=blurred, blur=blur, compute_dtype=torch.float64,
+                                 out_dtype=torch.float64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = photometric(x, p, mean, std, out_dtype=dtype, channels_last=True, blurred=blurred, blur=blur,
+                          backend="triton")
+        assert torch.equal(low, got.to(dtype)), f"{str(dtype)[6:]}: {(low != got.to(dtype)).sum().item()} differ"
+
+
 def cases(device: str, quick: bool) -> List[Tuple[str, Callable[[], None]]]:
     loss_sizes = [(1, 7), (3, 1000)] + ([] if quick else [(257, 256), (3, 1), (2, 8192), (4096, 256), (1000, 4097)])
     out = []
@@ -144,11 +185,23 @@ def cases(device: str, quick: bool) -> List[Tuple[str, Callable[[], None]]]:
                             lambda n=n, t=t_dtype, o=o_dtype, tm=tm: check_ema(n, t, o, device, seed=n, tensor_momentum=tm)))
     out.append(("ema_update_ exact 1 - m (float, fp64 tensor)", lambda: check_ema_exact_weight(device)))
     out.append(("ema_update_ bf16 stochastic rounding", lambda: check_ema_stochastic(device)))
+    out.append(("ema_update_ = torch.lerp bit for bit (fp32, bf16, fp16)", lambda: check_ema_equals_lerp(device)))
+    for B, size in [(3, 9)] + ([] if quick else [(29, 31), (64, 224)]):
+        out.append((f"photometric B={B} {size}x{size}", lambda B=B, size=size: check_photometric(B, size, device, seed=B)))
     return out
 
 
 def run(device: str = "cuda", quick: bool = False, log=print) -> Dict:
-    """Every case on ``device``; ``{"device", "cases": [{"name", "ok", "error"}], "failed", "total"}``."""
+    """Every case on ``device``; ``{"device", "cases": [{"name", "ok", "error"}], "failed", "total"}``.
+
+    Under the interpreter the casts and ``tl.fma`` are first given compiled semantics
+    (:mod:`._interpreter`): the bit-for-bit cases check the GPU's rounding, not the interpreter's."""
+    from ._backend import interpreting
+
+    if not device.startswith("cuda") and interpreting():
+        from ._interpreter import use_compiled_semantics
+
+        use_compiled_semantics()
     results = []
     for name, case in cases(device, quick):
         try:

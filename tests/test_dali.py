@@ -177,21 +177,26 @@ def test_jitter_composition_is_identity_when_off_and_hue_third_turn_permutes():
     assert np.allclose(hue_rotation(np.array([1 / 3]))[0] @ [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], atol=1e-6)
 
 
-@pytest.mark.parametrize("ops,tol", [
-    (dict(), 3e-3),  # crops alone
-    (dict(flip_p=0.5, grayscale_p=0.5, solarize_p=0.5, blur_p=0.5), 3e-3),
+_ALL_OPS = dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.0, grayscale_p=0.3,
+                solarize_p=0.5, blur_p=0.5)
+
+
+@pytest.mark.parametrize("ops,tol,kernels", [
+    (dict(), 3e-3, "torch"),  # crops alone
+    (dict(flip_p=0.5, grayscale_p=0.5, solarize_p=0.5, blur_p=0.5), 3e-3, "torch"),
     # DALI clamps once after the composed jitter, torch after each op: a few samples differ by
     # ~0.01, where a different draw (another factor, order or flip) differs by ~0.1.
-    (dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.0), 0.02),
+    (dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.0), 0.02, "torch"),
+    (_ALL_OPS, 0.02, "triton"),  # the fused kernel on the torch path (interpreted)
 ])
-def test_views_match_the_torch_path_sample_by_sample(tmp_path, ops, tol):
+def test_views_match_the_torch_path_sample_by_sample(tmp_path, ops, tol, kernels):
     """Both paths draw every choice from draw_samples: the same seed gives the same views, image
     by image (up to resampling, and the clamping of DALI's composed jitter)."""
-    src = smooth_folder(tmp_path / "d", n=16)
+    src = smooth_folder(tmp_path / "d", n=16 if kernels == "torch" else 8)
     aug = AugmentConfig(image_size=24, view1=only(**ops), view2=only(**ops))
     dali_batches = list(loader(src, aug, 4, seed=3))
-    torch_batches = list(TorchTwoViewLoader(src, aug, 4, CPU, seed=3, workers=0))
-    assert len(dali_batches) == len(torch_batches) == 4
+    torch_batches = list(TorchTwoViewLoader(src, aug, 4, CPU, seed=3, workers=0, kernels=kernels))
+    assert len(dali_batches) == len(torch_batches) == len(src) // 4
     for d, t in zip(dali_batches, torch_batches):
         assert torch.equal(d.labels, t.labels)  # same sample order
         for dv, tv in ((d.view1, t.view1), (d.view2, t.view2)):

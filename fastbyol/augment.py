@@ -402,13 +402,13 @@ def fused_view(x: torch.Tensor, view: ViewConfig, cfg: AugmentConfig, d: ViewDra
     pixels for flip, colour jitter, grayscale, solarisation and normalisation, the blurred
     samples (host-known from the draws: no device sync) blurred by :func:`gaussian_blur` in
     between. Same draws, same order of ops; values equal to the torch path's to fp32 rounding."""
-    from fastbyol_kernels.augment import photometric
+    from fastbyol_kernels.augment import host_to_device, photometric
 
     d = _on_host(d)
     blurred = np.flatnonzero(d.blur) if view.blur_p > 0 else None
     blur = None
     if blurred is not None and len(blurred):
-        sigma = torch.from_numpy(np.asarray(d.sigma[blurred], dtype=np.float32)).to(x.device, non_blocking=True)
+        sigma, = host_to_device([np.asarray(d.sigma[blurred], dtype=np.float32)], x.device)
         blur = lambda images, _: gaussian_blur(images, sigma, cfg.blur_kernel_size)  # noqa: E731
     return photometric(x, torch.from_numpy(photometric_params(d)), cfg.mean, cfg.std, out_dtype=out_dtype,
                        channels_last=channels_last, blurred=blurred, blur=blur, backend=backend)

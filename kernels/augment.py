@@ -140,6 +140,22 @@ def photometric_bytes(B: int, size: int, out_bytes: int = 2, in_bytes: int = 1, 
 
 # ----------------------------------------------------------------------------- Triton
 
+def host_to_device(parts: Sequence[np.ndarray], device: torch.device) -> list:
+    """Host arrays (float32 or int32) on ``device`` in one copy, from pinned memory on CUDA, so the
+    copy is queued without waiting for the device (from pageable memory a host-to-device copy
+    first synchronises the stream). Each part starts 16-byte aligned; returns them flat, in order."""
+    sizes = [int(np.asarray(p).size) for p in parts]
+    starts = np.concatenate([[0], np.cumsum([-(-n // 4) * 4 for n in sizes])]).astype(int)
+    host = torch.empty(int(starts[-1]), dtype=torch.int32, pin_memory=device.type == "cuda")
+    flat = host.numpy()
+    for p, n, start in zip(parts, sizes, starts):
+        p = np.ascontiguousarray(p).reshape(-1)
+        flat[start:start + n] = p.view(np.int32) if p.dtype == np.float32 else p.astype(np.int32)
+    dev = host.to(device, non_blocking=True)
+    return [dev[start:start + n].view(torch.float32) if np.asarray(p).dtype == np.float32 else dev[start:start + n]
+            for p, n, start in zip(parts, sizes, starts)]
+
+
 def _get_kernel():
     from ._triton_augment import photometric_kernel  # triton is imported only here
 
@@ -185,14 +201,18 @@ def photometric(x: torch.Tensor, params: torch.Tensor, mean: Sequence[float], st
     B, _, H, W = x.shape
     if x.is_floating_point() and x.dtype not in _OUT_DTYPES:
         x = x.float()  # fp64 input: the kernel reads fp32, bf16, fp16 or uint8
-    params = params.to(x.device, torch.float32, non_blocking=True).contiguous()
     out = torch.empty(B, 3, H, W, device=x.device, dtype=out_dtype,
                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     blurred = np.asarray([] if blurred is None else blurred, dtype=np.int64)
     slots_host = np.full(B, -1, dtype=np.int32)
     slots_host[blurred] = np.arange(len(blurred), dtype=np.int32)
-    slots = torch.from_numpy(slots_host).to(x.device, non_blocking=True)
-    rows = torch.from_numpy(blurred.astype(np.int32)).to(x.device, non_blocking=True)
+    if params.device.type == "cpu":
+        params, rows, slots = host_to_device(
+            [params.detach().to(torch.float32).numpy(), blurred.astype(np.int32), slots_host], x.device)
+        params = params.view(B, len(PARAM_COLUMNS))
+    else:
+        params = params.to(x.device, torch.float32).contiguous()
+        rows, slots = host_to_device([blurred.astype(np.int32), slots_host], x.device)
     scratch = torch.empty(len(blurred), 3, H, W, device=x.device, dtype=torch.float32) if len(blurred) else params
     first, main, *finish = photometric_launches(x, params, out, slots, rows, scratch, mean, std)
     kernel = _get_kernel()

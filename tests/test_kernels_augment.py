@@ -142,3 +142,15 @@ def test_errors():
         photometric(x, p, MEAN, STD, blurred=np.array([0]))
     with pytest.raises(ValueError, match="out_dtype"):
         photometric(x, p, MEAN, STD, out_dtype=torch.float64, backend="triton")
+
+
+def test_host_arrays_reach_the_device_in_one_aligned_buffer():
+    from fastbyol_kernels.augment import host_to_device
+
+    parts = [np.arange(7, dtype=np.float32) / 3, np.array([5, -1, 2], dtype=np.int32), np.zeros(0, np.int32)]
+    got = host_to_device(parts, torch.device("cpu"))
+    assert [g.dtype for g in got] == [torch.float32, torch.int32, torch.int32]
+    for g, p in zip(got, parts):
+        np.testing.assert_array_equal(g.numpy(), p)
+    assert got[0].untyped_storage().data_ptr() == got[1].untyped_storage().data_ptr()  # one copy
+    assert all((g.data_ptr() - got[0].data_ptr()) % 16 == 0 for g in got[:2])

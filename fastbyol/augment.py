@@ -9,8 +9,8 @@
   bicubic).
 * Photometry, batched on the training device: :func:`augment_view` applies flip, colour
   jitter (random order), grayscale, Gaussian blur, solarisation and normalisation to a whole
-  uint8 batch, following each sample's draws; :func:`fused_view` does the same in one fused
-  Triton pass (blur excepted) where ``train.kernels`` chooses it (CUDA under ``auto``).
+  uint8 batch, following each sample's draws; :func:`fused_view` does the same with the fused
+  Triton kernel where ``train.kernels`` chooses it (CUDA under ``auto``).
 
 The DALI path (:mod:`fastbyol.data.dali`) reads the same :class:`AugmentConfig` and draws.
 """
@@ -400,18 +400,17 @@ def fused_view(x: torch.Tensor, view: ViewConfig, cfg: AugmentConfig, d: ViewDra
     """:func:`augment_view` (uint8 crops) or :func:`photometric_view` (float in [0, 1]) by the
     fused Triton kernel (:func:`fastbyol_kernels.augment.photometric`): one pass over the
     pixels for flip, colour jitter, grayscale, solarisation and normalisation, the blurred
-    samples (host-known from the draws: no device sync) blurred by :func:`gaussian_blur` in
-    between. Same draws, same order of ops; values equal to the torch path's to fp32 rounding."""
-    from fastbyol_kernels.augment import host_to_device, photometric
+    samples (host-known from the draws: no device sync) blurred in between by two more
+    passes (:func:`gaussian_blur`'s blur). Same draws, same order of ops; values equal to the
+    torch path's to fp32 rounding."""
+    from fastbyol_kernels.augment import photometric
 
     d = _on_host(d)
     blurred = np.flatnonzero(d.blur) if view.blur_p > 0 else None
-    blur = None
-    if blurred is not None and len(blurred):
-        sigma, = host_to_device([np.asarray(d.sigma[blurred], dtype=np.float32)], x.device)
-        blur = lambda images, _: gaussian_blur(images, sigma, cfg.blur_kernel_size)  # noqa: E731
+    sigma = None if blurred is None else d.sigma[blurred]
     return photometric(x, torch.from_numpy(photometric_params(d)), cfg.mean, cfg.std, out_dtype=out_dtype,
-                       channels_last=channels_last, blurred=blurred, blur=blur, backend=backend)
+                       channels_last=channels_last, blurred=blurred, sigma=sigma,
+                       kernel_size=cfg.blur_kernel_size, backend=backend)
 
 
 def unnormalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:

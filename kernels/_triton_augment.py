@@ -11,9 +11,15 @@ channels) of one sample:
 * ``PASS == 1``: flip, the four colour-jitter ops in the sample's order, grayscale; then,
   for a sample not blurred, solarisation, normalisation and the cast to the output dtype;
   for a blurred one (blur sits between grayscale and solarisation) fp32 into its slot of
-  ``scratch``, which the caller blurs.
-* ``PASS == 2``: solarisation, normalisation and the cast for the blurred samples, from
   ``scratch``.
+* ``PASS == 3`` (blurred samples): the horizontal half of the separable Gaussian blur,
+  ``scratch`` -> ``scratch2`` (fp32).
+* ``PASS == 2`` (blurred samples): the vertical half from ``scratch2``, then solarisation,
+  normalisation and the cast.
+
+The blur is ``fastbyol.augment.gaussian_blur``'s: ``BLUR_K`` taps (odd) of weights
+``exp(-d² / 2σ²)`` normalised to sum 1, reflect padding (no edge repeat), and on an image
+smaller than the kernel the taps cut to ``min(K // 2, size - 1)`` each side and renormalised.
 
 Every division is IEEE (``div_rn``), as torch's, so the fp32 values match the torch path to
 the rounding of fused multiply-adds.
@@ -105,24 +111,61 @@ def _finish(r, g, b, prm, mean0, mean1, mean2, std0, std1, std2):
 
 
 @triton.jit
+def _blur_1d(src, pos, size, step, plane, pm, sigma, BLUR_K: tl.constexpr):
+    # One separable half of the Gaussian blur along an axis of ``size`` pixels, all three
+    # planes (``plane`` apart): ``pos`` is each pixel's index on the axis, ``step`` the
+    # distance between neighbours along it.
+    half: tl.constexpr = BLUR_K // 2
+    reach = tl.minimum(size - 1, half)  # taps each side: fewer on an image smaller than the kernel
+    two_var = 2.0 * sigma * sigma
+    total = sigma * 0.0
+    for d in range(-half, half + 1):
+        total += tl.where(d * d <= reach * reach, tl.exp(-(d * d * 1.0) / two_var), 0.0)
+    r = pos.to(tl.float32) * 0.0
+    g = r
+    b = r
+    # A loop, not unrolled: 3 x K loads in flight at once would take 140+ registers.
+    for d in range(-half, half + 1):
+        wt = tl.where(d * d <= reach * reach, tl.math.div_rn(tl.exp(-(d * d * 1.0) / two_var), total), 0.0)
+        i = pos + d
+        i = tl.where(i < 0, -i, i)  # reflect about the edge pixel: -1 -> 1
+        i = tl.where(i > size - 1, 2 * (size - 1) - i, i)
+        i = tl.minimum(tl.maximum(i, 0), size - 1)  # taps past ``reach`` (weight 0) stay in bounds
+        at = src + (i - pos) * step
+        r += wt * tl.load(at, mask=pm, other=0.0)
+        g += wt * tl.load(at + plane, mask=pm, other=0.0)
+        b += wt * tl.load(at + 2 * plane, mask=pm, other=0.0)
+    return r, g, b
+
+
+@triton.jit
 def photometric_kernel(x_ptr, params_ptr, partial_ptr, out_ptr, scratch_ptr, slot_ptr, rows_ptr,
+                       scratch2_ptr, sigma_ptr,
                        H, W, n_tiles, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                        mean0, mean1, mean2, std0, std1, std2,
-                       PASS: tl.constexpr, IN_UINT8: tl.constexpr, BLOCK: tl.constexpr, BLOCK_TILES: tl.constexpr):
+                       PASS: tl.constexpr, IN_UINT8: tl.constexpr, BLOCK: tl.constexpr, BLOCK_TILES: tl.constexpr,
+                       BLUR_K: tl.constexpr):
     tile = tl.program_id(0)
     hw = H * W
     idx = tile * BLOCK + tl.arange(0, BLOCK)
     pm = idx < hw
     hh = idx // W
     ww = idx % W
+    if PASS == 3:
+        row = tl.program_id(1)  # slot in scratch
+        sigma = tl.load(sigma_ptr + row)
+        base = row.to(tl.int64) * 3 * hw + idx
+        r, g, b = _blur_1d(scratch_ptr + base, ww, W, 1, hw, pm, sigma, BLUR_K)
+        tl.store(scratch2_ptr + base, r, mask=pm)
+        tl.store(scratch2_ptr + base + hw, g, mask=pm)
+        tl.store(scratch2_ptr + base + 2 * hw, b, mask=pm)
+        return
     if PASS == 2:
         row = tl.program_id(1)  # slot in scratch
         b_id = tl.load(rows_ptr + row).to(tl.int64)
         prm = params_ptr + b_id * _NCOL
-        src = scratch_ptr + row.to(tl.int64) * 3 * hw + idx
-        r = tl.load(src, mask=pm, other=0.0)
-        g = tl.load(src + hw, mask=pm, other=0.0)
-        b = tl.load(src + 2 * hw, mask=pm, other=0.0)
+        sigma = tl.load(sigma_ptr + row)
+        r, g, b = _blur_1d(scratch2_ptr + row.to(tl.int64) * 3 * hw + idx, hh, H, W, hw, pm, sigma, BLUR_K)
         r, g, b = _finish(r, g, b, prm, mean0, mean1, mean2, std0, std1, std2)
         dst = out_ptr + b_id * sob + hh * soh + ww * sow
         tl.store(dst, r.to(out_ptr.dtype.element_ty), mask=pm)

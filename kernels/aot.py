@@ -288,7 +288,7 @@ AUGMENT_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def augment_launches_for(B: int, S: int, out_dtype: torch.dtype, in_dtype: torch.dtype = torch.uint8,
                          channels_last: bool = False, device="meta") -> List[Launch]:
-    """The three passes of :func:`~.augment.photometric` for ``B`` views of ``S``² pixels: uint8
+    """The four passes of :func:`~.augment.photometric` for ``B`` views of ``S``² pixels: uint8
     crops as the loader's (``crops[:, k]`` of ``[B, 2, 3, S, S]``) or float images, a tenth blurred."""
     if in_dtype == torch.uint8:
         x = torch.empty(B, 2, 3, S, S, dtype=in_dtype, device=device)[:, 0]
@@ -298,9 +298,16 @@ def augment_launches_for(B: int, S: int, out_dtype: torch.dtype, in_dtype: torch
     out = torch.empty(B, 3, S, S, dtype=out_dtype, device=device, memory_format=fmt)
     n_blur = max(1, B // 10)
     params = torch.empty(B, 12, device=device)
+    scratch = [torch.empty(n_blur, 3, S, S, device=device) for _ in range(2)]
     return photometric_launches(x, params, out, torch.empty(B, dtype=torch.int32, device=device),
-                                torch.empty(n_blur, dtype=torch.int32, device=device),
-                                torch.empty(n_blur, 3, S, S, device=device), (0.5,) * 3, (0.25,) * 3)
+                                torch.empty(n_blur, dtype=torch.int32, device=device), *scratch,
+                                torch.empty(n_blur, device=device), (0.5,) * 3, (0.25,) * 3, blur_kernel_size(S))
+
+
+def blur_kernel_size(size: int) -> int:
+    """BYOL's blur taps for ``size``-pixel views (fastbyol's ``AugmentConfig.blur_kernel_size``):
+    a tenth of the size, at least 3, odd (23 at 224)."""
+    return max(3, round(size * 0.1)) | 1
 
 
 def augment_specialisations(sizes: Iterable[Tuple[int, int]] = AUGMENT_SIZES) -> List[Launch]:
@@ -350,7 +357,7 @@ def selection(name: str, capabilities: Sequence[int] = CAPABILITIES) -> List[Tup
     loss = loss_specialisations([(4096, 256)], [torch.float32, torch.bfloat16]) + \
         loss_specialisations([(1000, 256)], [torch.float16])
     variants = [ema[0], next(x for x in ema if x.args["m_ptr"].dtype == torch.float64)] + loss_launches_for(4096, 256, torch.float32)[:2]
-    augment = unique(augment_launches_for(256, 224, torch.bfloat16))  # the three passes, as ImageNet trains
+    augment = unique(augment_launches_for(256, 224, torch.bfloat16))  # the four passes, as ImageNet trains
     first, rest = capabilities[0], capabilities[1:]
     return [(x, first) for x in ema + loss + augment] + [(x, cc) for x in variants + augment[1:2] for cc in rest]
 

@@ -9,19 +9,20 @@ following row ``b`` of a parameter table (:data:`PARAM_COLUMNS`):
    clamped to [0, 1] (hue excepted); contrast blends towards the mean grey of the image *as
    the ops before it left it*; a hue shift of 0 leaves the sample unchanged;
 3. grayscale (ITU-R 601 luma in all three channels);
-4. Gaussian blur of the samples in ``blurred``, by the caller's ``blur`` (not fused);
+4. Gaussian blur of the samples in ``blurred`` (σ per sample, ``kernel_size`` taps, reflect
+   padding; on an image smaller than the kernel, the taps that fit, renormalised);
 5. solarisation (``x >= 0.5 -> 1 - x``);
 6. ``(x - mean) / std`` per channel, rounded once to the output dtype.
 
 The Triton path reads each input value twice (a first pass for contrast's grey means) and
-writes each output value once; blurred samples also go through an fp32 scratch buffer, which
-``blur`` receives. Every op computes in fp32: the values match :func:`photometric_reference`
+writes each output value once; blurred samples also go through two fp32 scratch buffers
+(before the blur, and between its horizontal and vertical halves). Every op computes in fp32: the values match :func:`photometric_reference`
 (and ``fastbyol.augment.photometric_view``) to fp32 rounding, and a bf16/fp16 output is that
 fp32 value rounded to nearest even.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +35,6 @@ PARAM_COLUMNS = ("flip", "jitter", "brightness", "contrast", "saturation", "hue"
 assert len(PARAM_COLUMNS) == AUGMENT_PARAMS
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-Blur = Callable[[torch.Tensor, np.ndarray], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- reference
@@ -71,12 +71,12 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def photometric_reference(x: torch.Tensor, params: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
                           out_dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                          blurred: Optional[np.ndarray] = None, blur: Optional[Blur] = None,
-                          compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                          blurred: Optional[np.ndarray] = None, sigma: Optional[np.ndarray] = None,
+                          kernel_size: int = 23, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Plain PyTorch :func:`photometric` (the CPU fallback), computing in ``compute_dtype``
     (float64 for the tests' reference). Every op runs on the whole batch and ``torch.where``
     keeps each sample's choice."""
-    _check(x, params, out_dtype, blurred, blur)
+    _check(x, params, out_dtype, blurred, sigma, kernel_size)
     col = params.to(x.device, compute_dtype).unbind(1)
     c = dict(zip(PARAM_COLUMNS, col))
     per = lambda v: v.view(-1, 1, 1, 1)  # noqa: E731
@@ -95,7 +95,8 @@ def photometric_reference(x: torch.Tensor, params: torch.Tensor, mean: Sequence[
     y = torch.where(per(c["gray"] != 0), _gray(y).expand_as(y), y)
     if blurred is not None and len(blurred):
         idx = torch.as_tensor(np.asarray(blurred), dtype=torch.long, device=y.device)
-        y = y.index_copy(0, idx, blur(y.index_select(0, idx), np.asarray(blurred)).to(y.dtype))
+        s = torch.as_tensor(np.asarray(sigma, dtype=np.float64), dtype=compute_dtype, device=y.device)
+        y = y.index_copy(0, idx, gaussian_blur(y.index_select(0, idx), s, kernel_size))
     y = torch.where(per(c["solarize"] != 0) & (y >= 0.5), 1 - y, y)
     m = torch.tensor(list(mean), dtype=compute_dtype, device=y.device).view(1, 3, 1, 1)
     sd = torch.tensor(list(std), dtype=compute_dtype, device=y.device).view(1, 3, 1, 1)
@@ -105,7 +106,25 @@ def photometric_reference(x: torch.Tensor, params: torch.Tensor, mean: Sequence[
     return y.to(out_dtype)
 
 
-def _check(x, params, out_dtype, blurred, blur) -> None:
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur of ``[n, C, H, W]`` with a per-sample ``sigma`` ([n]), reflect
+    padding; an image smaller than the kernel gets the taps that fit, renormalised."""
+    n, c, h, w = x.shape
+    half = kernel_size // 2
+    pos = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-(pos.view(1, -1) ** 2) / (2 * sigma.view(-1, 1).to(x.dtype) ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*C, K]
+    pad_h, pad_w = min(half, h - 1), min(half, w - 1)
+    k_h, k_w = k[:, half - pad_h: half + pad_h + 1], k[:, half - pad_w: half + pad_w + 1]
+    k_h, k_w = k_h / k_h.sum(1, keepdim=True), k_w / k_w.sum(1, keepdim=True)
+    y = torch.nn.functional.pad(x.reshape(1, n * c, h, w), (pad_w, pad_w, 0, 0), mode="reflect")
+    y = torch.nn.functional.conv2d(y, k_w.reshape(n * c, 1, 1, -1), groups=n * c)
+    y = torch.nn.functional.pad(y, (0, 0, pad_h, pad_h), mode="reflect")
+    y = torch.nn.functional.conv2d(y, k_h.reshape(n * c, 1, -1, 1), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def _check(x, params, out_dtype, blurred, sigma, kernel_size) -> None:
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"photometric: images must be [B, 3, H, W], got {tuple(x.shape)}")
     if not (x.dtype == torch.uint8 or x.is_floating_point()):
@@ -115,16 +134,21 @@ def _check(x, params, out_dtype, blurred, blur) -> None:
                          f"({', '.join(PARAM_COLUMNS)}), got {tuple(params.shape)}")
     if out_dtype not in _OUT_DTYPES + (torch.float64,):
         raise ValueError(f"photometric: out_dtype must be float32, bfloat16, float16 or float64, got {out_dtype}")
-    if blurred is not None and len(blurred) and blur is None:
-        raise ValueError("photometric: samples to blur were given without a blur function")
+    if blurred is not None and len(blurred):
+        if sigma is None or len(sigma) != len(blurred):
+            raise ValueError(f"photometric: {len(blurred)} samples to blur need as many sigmas, got "
+                             f"{None if sigma is None else len(sigma)}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"photometric: kernel_size must be a positive odd number, got {kernel_size}")
 
 
 def photometric_bytes(B: int, size: int, out_bytes: int = 2, in_bytes: int = 1, blurred: int = 0,
                       contrast: Optional[int] = None) -> dict:
     """DRAM bytes the Triton path moves for one view of ``B`` images of ``size``² pixels (the
-    per-sample table and the grey sums aside; the caller's blur not counted), against the floor
-    (read the input once, write the output once). ``contrast``: samples whose contrast runs
-    (pass 0 reads those; default all); ``blurred``: samples through the fp32 scratch.
+    per-sample table and the grey sums aside; the blur's neighbouring taps counted as cache
+    hits), against the floor (read the input once, write the output once). ``contrast``:
+    samples whose contrast runs (pass 0 reads those; default all); ``blurred``: samples through
+    the two fp32 scratch buffers (each written once and read once).
 
     Examples:
         >>> b = photometric_bytes(256, 224)  # nothing blurred: 1.33x the floor
@@ -133,8 +157,8 @@ def photometric_bytes(B: int, size: int, out_bytes: int = 2, in_bytes: int = 1, 
     """
     values = 3 * size * size
     contrast = B if contrast is None else contrast
-    read = values * (in_bytes * contrast + in_bytes * B + 4 * blurred)
-    write = values * (out_bytes * B + 4 * blurred)
+    read = values * (in_bytes * contrast + in_bytes * B + 8 * blurred)
+    write = values * (out_bytes * B + 8 * blurred)
     return {"read": read, "write": write, "total": read + write, "floor": values * B * (in_bytes + out_bytes)}
 
 
@@ -165,7 +189,7 @@ def _get_kernel():
 @torch.no_grad()
 def photometric(x: torch.Tensor, params: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
                 out_dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                blurred: Optional[np.ndarray] = None, blur: Optional[Blur] = None,
+                blurred: Optional[np.ndarray] = None, sigma: Optional[np.ndarray] = None, kernel_size: int = 23,
                 backend: str = "auto") -> torch.Tensor:
     """Flip, colour jitter in each sample's order, grayscale, (blur,) solarisation and
     normalisation of a batch, per sample (the module docstring gives the order and semantics).
@@ -180,24 +204,25 @@ def photometric(x: torch.Tensor, params: torch.Tensor, mean: Sequence[float], st
         channels_last: the output's memory format.
         blurred: host array of the sample indices to blur between grayscale and solarisation
             (a host array, so nothing is read back from the device to select them).
-        blur: ``blur(images, blurred) -> images``: fp32 ``[len(blurred), 3, H, W]`` in [0, 1]
-            of those samples, blurred (e.g. ``fastbyol.augment.gaussian_blur``).
+        sigma: host array, the blur's σ in pixels for each of ``blurred``.
+        kernel_size: the blur's taps (odd; BYOL: about a tenth of the image size).
         backend: ``auto`` | ``triton`` | ``torch`` (see the package docstring).
 
     Returns:
         ``[B, 3, H, W]`` of ``out_dtype``.
 
     Raises:
-        ValueError: shapes, dtypes, a blur list without a function, an unknown backend.
+        ValueError: shapes, dtypes, a blur list without as many sigmas, an even kernel size, an
+            unknown backend.
         RuntimeError: ``backend="triton"`` where the kernel cannot run.
     """
-    _check(x, params, out_dtype, blurred, blur)
+    _check(x, params, out_dtype, blurred, sigma, kernel_size)
     run_kernel = use_triton(backend, [x]) and (backend == "triton" or out_dtype in _OUT_DTYPES)
     if backend == "triton" and out_dtype not in _OUT_DTYPES:
         raise ValueError(f"photometric (triton): out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     if not run_kernel or x.shape[0] == 0:
         return photometric_reference(x, params, mean, std, out_dtype=out_dtype, channels_last=channels_last,
-                                     blurred=blurred, blur=blur)
+                                     blurred=blurred, sigma=sigma, kernel_size=kernel_size)
     B, _, H, W = x.shape
     if x.is_floating_point() and x.dtype not in _OUT_DTYPES:
         x = x.float()  # fp64 input: the kernel reads fp32, bf16, fp16 or uint8
@@ -206,20 +231,20 @@ def photometric(x: torch.Tensor, params: torch.Tensor, mean: Sequence[float], st
     blurred = np.asarray([] if blurred is None else blurred, dtype=np.int64)
     slots_host = np.full(B, -1, dtype=np.int32)
     slots_host[blurred] = np.arange(len(blurred), dtype=np.int32)
+    sigma_host = np.asarray([] if sigma is None else sigma, dtype=np.float32).reshape(-1)[:len(blurred)]
+    host = [blurred.astype(np.int32), slots_host, sigma_host]
     if params.device.type == "cpu":
-        params, rows, slots = host_to_device(
-            [params.detach().to(torch.float32).numpy(), blurred.astype(np.int32), slots_host], x.device)
+        params, rows, slots, sigma_dev = host_to_device([params.detach().to(torch.float32).numpy()] + host, x.device)
         params = params.view(B, len(PARAM_COLUMNS))
     else:
         params = params.to(x.device, torch.float32).contiguous()
-        rows, slots = host_to_device([blurred.astype(np.int32), slots_host], x.device)
-    scratch = torch.empty(len(blurred), 3, H, W, device=x.device, dtype=torch.float32) if len(blurred) else params
-    first, main, *finish = photometric_launches(x, params, out, slots, rows, scratch, mean, std)
+        rows, slots, sigma_dev = host_to_device(host, x.device)
+    if len(blurred):
+        before, between = (torch.empty(len(blurred), 3, H, W, device=x.device, dtype=torch.float32) for _ in range(2))
+    else:
+        before = between = params  # stand-ins, never touched
     kernel = _get_kernel()
-    first.run(kernel)
-    main.run(kernel)
-    if finish:
-        blurred_images = blur(scratch, blurred).to(torch.float32).contiguous()  # (no-ops for the usual blur)
-        finish[0].args = {**finish[0].args, "scratch_ptr": blurred_images}
-        finish[0].run(kernel)
+    for launch in photometric_launches(x, params, out, slots, rows, before, between, sigma_dev, mean, std,
+                                       kernel_size):
+        launch.run(kernel)
     return out

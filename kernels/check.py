@@ -154,16 +154,15 @@ def check_photometric(B: int, size: int, device: str, seed: int) -> None:
     p[:, 5] = 0.4 * torch.rand(B, generator=g) - 0.2
     p[:, 6:10] = torch.stack([torch.randperm(4, generator=g) for _ in range(B)]).float()
     p[:, 10:12] = (torch.rand(B, 2, generator=g) < 0.3).float()  # gray, solarize
-    blurred = np.arange(0, B, 10)
-    blur = lambda im, idx: torch.nn.functional.avg_pool2d(im, 3, 1, 1, count_include_pad=False)  # noqa: E731
+    blur = dict(blurred=np.arange(0, B, 10), sigma=np.linspace(0.1, 2.0, len(range(0, B, 10))),
+                kernel_size=max(3, round(size * 0.1)) | 1)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    got = photometric(x, p, mean, std, blurred=blurred, blur=blur, backend="triton")
-    want = photometric_reference(x, p, mean, std, blurred=blurred, blur=blur, compute_dtype=torch.float64,
+    got = photometric(x, p, mean, std, **blur, backend="triton")
+    want = photometric_reference(x, p, mean, std, **blur, compute_dtype=torch.float64,
                                  out_dtype=torch.float64)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     for dtype in (torch.bfloat16, torch.float16):
-        low = photometric(x, p, mean, std, out_dtype=dtype, channels_last=True, blurred=blurred, blur=blur,
-                          backend="triton")
+        low = photometric(x, p, mean, std, out_dtype=dtype, channels_last=True, **blur, backend="triton")
         assert torch.equal(low, got.to(dtype)), f"{str(dtype)[6:]}: {(low != got.to(dtype)).sum().item()} differ"
 
 

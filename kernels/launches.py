@@ -178,7 +178,7 @@ def augment_blocks(hw: int) -> Tuple[int, int, int]:
     return block, _cdiv(hw, block), AUGMENT_WARPS
 
 
-def photometric_launches(x, params, out, slots, rows, scratch, mean, std) -> list:
+def photometric_launches(x, params, out, slots, rows, scratch, scratch2, sigma, mean, std, blur_kernel_size: int) -> list:
     """The passes of the fused photometric augmentation (:mod:`.augment`), in order.
 
     Args:
@@ -187,26 +187,32 @@ def photometric_launches(x, params, out, slots, rows, scratch, mean, std) -> lis
         out: ``[B, 3, H, W]`` output (fp32, bf16, fp16), any strides.
         slots: int32 ``[B]``: the sample's row in ``scratch`` if it is blurred, else -1.
         rows: int32 ``[n_blurred]``: the sample of each scratch row (``slots``' inverse).
-        scratch: fp32 ``[n_blurred, 3, H, W]`` contiguous (any fp32 tensor when none is blurred).
+        scratch, scratch2: fp32 ``[n_blurred, 3, H, W]`` contiguous (any fp32 tensor when none
+            is blurred): before the blur, and after its horizontal half.
+        sigma: fp32 ``[n_blurred]``, each blurred sample's σ in pixels.
         mean, std: three floats each (normalisation).
+        blur_kernel_size: the blur's taps (odd).
 
     Pass 0 (``B x tiles`` programs) writes contrast's per-tile grey sums into a zeroed
-    ``[B, tiles]`` fp32 table (``args["partial_ptr"]``), pass 1 the finished views of the
-    samples not blurred and the blurred samples' pre-blur values into ``scratch``, pass 2 (only
-    when some sample is blurred; ``n_blurred x tiles``) finishes those from ``scratch``.
+    ``[B, tiles]`` fp32 table (``args["partial_ptr"]``); pass 1 the finished views of the
+    samples not blurred and the blurred samples' pre-blur values into ``scratch``; when some
+    sample is blurred (``n_blurred x tiles`` programs each), pass 3 blurs ``scratch`` along
+    rows into ``scratch2`` and pass 2 along columns, then finishes them into ``out``.
     """
     B, _, H, W = x.shape
     block, n_tiles, warps = augment_blocks(H * W)
     partial = torch.zeros(B, n_tiles, device=x.device, dtype=torch.float32)
     args = dict(x_ptr=x, params_ptr=params, partial_ptr=partial, out_ptr=out, scratch_ptr=scratch, slot_ptr=slots,
-                rows_ptr=rows, H=H, W=W, n_tiles=n_tiles, sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2),
-                sxw=x.stride(3), sob=out.stride(0), soc=out.stride(1), soh=out.stride(2), sow=out.stride(3),
+                rows_ptr=rows, scratch2_ptr=scratch2, sigma_ptr=sigma, H=H, W=W, n_tiles=n_tiles,
+                sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
+                sob=out.stride(0), soc=out.stride(1), soh=out.stride(2), sow=out.stride(3),
                 mean0=float(mean[0]), mean1=float(mean[1]), mean2=float(mean[2]),
                 std0=float(std[0]), std1=float(std[1]), std2=float(std[2]))
-    const = dict(IN_UINT8=x.dtype == torch.uint8, BLOCK=block, BLOCK_TILES=max(2, 1 << (n_tiles - 1).bit_length()))
+    const = dict(IN_UINT8=x.dtype == torch.uint8, BLOCK=block, BLOCK_TILES=max(2, 1 << (n_tiles - 1).bit_length()),
+                 BLUR_K=int(blur_kernel_size))
     launches = [Launch("_triton_augment", "photometric_kernel", (n_tiles, B), args, dict(PASS=p, **const), warps)
                 for p in (0, 1)]
     if rows.numel():
-        launches.append(Launch("_triton_augment", "photometric_kernel", (n_tiles, rows.numel()), args,
-                               dict(PASS=2, **const), warps))
+        launches += [Launch("_triton_augment", "photometric_kernel", (n_tiles, rows.numel()), args,
+                            dict(PASS=p, **const), warps) for p in (3, 2)]
     return launches

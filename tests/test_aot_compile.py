@@ -173,10 +173,11 @@ def test_what_the_api_launches_is_what_is_compiled(monkeypatch):
         for channels_last in (False, True):
             for blurred in (None, np.array([1])):
                 photometric(crops[:, 1], params, (0.5,) * 3, (0.25,) * 3, out_dtype=out_dtype, blurred=blurred,
-                            blur=lambda x, _: x, channels_last=channels_last, backend="triton")
+                            sigma=None if blurred is None else [1.0], kernel_size=3, channels_last=channels_last,
+                            backend="triton")
     photometric(torch.rand(5, 3, 8, 8), params, (0.5,) * 3, (0.25,) * 3, blurred=np.array([0, 3]),
-                blur=lambda x, _: x, backend="triton")
-    assert len(seen) - n_aug == 6 * (2 + 3) + 3
+                sigma=[1.0, 2.0], kernel_size=3, backend="triton")
+    assert len(seen) - n_aug == 6 * (2 + 4) + 4
     covered = {_shape_free(x) for x in _EMA + _LOSS + aot.augment_specialisations()}
     missing = {_shape_free(x) for x in seen} - covered
     assert not missing, missing

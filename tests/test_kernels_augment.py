@@ -10,6 +10,7 @@ from fastbyol.augment import augment_view, draw_batch, fused_view, gaussian_blur
 from fastbyol.batch_views import TwoViews
 from fastbyol.config import AugmentConfig
 from fastbyol_kernels.augment import PARAM_COLUMNS, photometric, photometric_reference
+from fastbyol_kernels.augment import gaussian_blur as kernels_blur
 from fastbyol_kernels.launches import augment_blocks
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -31,28 +32,31 @@ def _params(n, seed, jitter_p=0.85, gray_p=0.3, solarize_p=0.4):
     return p
 
 
-def _blur(images, idx):
-    sigma = torch.linspace(0.5, 1.5, len(idx), dtype=images.dtype)
-    return gaussian_blur(images, sigma, 3)
-
-
 def _uint8(n, h, w, seed):
     g = torch.Generator().manual_seed(seed)
     crops = torch.randint(0, 256, (n, 2, 3, h, w), dtype=torch.uint8, generator=g)
     return crops[:, 1]  # a strided view, as the loader's crops[:, 1]
 
 
-@pytest.mark.parametrize("n,h,w", [(29, 5, 7), (3, 23, 25)])  # all 24 orders, tiles; 2 tiles a sample
-def test_matches_float64_reference(n, h, w):
+# all 24 orders with blur kernels cut to the image (11 taps > 5 or 7 px); 2 tiles a sample, full kernel
+@pytest.mark.parametrize("n,h,w,k", [(29, 5, 7, 11), (3, 23, 25, 5)])
+def test_matches_float64_reference(n, h, w, k):
     x, p = _uint8(n, h, w, seed=n), _params(n, seed=n)
-    blurred = np.array([1, n - 1])
-    got = photometric(x, p, MEAN, STD, blurred=blurred, blur=_blur, backend="triton")
-    want = photometric_reference(x, p, MEAN, STD, blurred=blurred, blur=_blur, compute_dtype=torch.float64, out_dtype=torch.float64)
+    blur = dict(blurred=np.array([1, n - 1]), sigma=np.array([0.4, 1.7]), kernel_size=k)
+    got = photometric(x, p, MEAN, STD, **blur, backend="triton")
+    want = photometric_reference(x, p, MEAN, STD, **blur, compute_dtype=torch.float64, out_dtype=torch.float64)
     assert got.dtype == torch.float32 and got.shape == (n, 3, h, w)
     torch.testing.assert_close(got.double(), want, **TOL)
     # the fp32 reference (the CPU fallback) agrees too
-    torch.testing.assert_close(photometric(x, p, MEAN, STD, blurred=blurred, blur=_blur, backend="torch").double(),
-                               want, **TOL)
+    torch.testing.assert_close(photometric(x, p, MEAN, STD, **blur, backend="torch").double(), want, **TOL)
+
+
+def test_blur_is_fastbyols():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(3, 3, 6, 13, generator=g, dtype=torch.float64)
+    sigma = torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64)
+    for k in (3, 9, 23):
+        torch.testing.assert_close(kernels_blur(x, sigma, k), gaussian_blur(x, sigma, k))
 
 
 def test_float_input_channels_last_no_blur():
@@ -86,7 +90,7 @@ def test_low_precision_output_is_the_fp32_output_rounded_to_nearest_even(out_dty
 
     assert COMPILED_SEMANTICS
     x, p = _uint8(9, 6, 5, seed=7), _params(9, seed=7)
-    kw = dict(blurred=np.array([2, 3]), blur=_blur, backend="triton")
+    kw = dict(blurred=np.array([2, 3]), sigma=np.array([0.7, 1.2]), kernel_size=5, backend="triton")
     high = photometric(x, p, MEAN, STD, **kw)
     low = photometric(x, p, MEAN, STD, out_dtype=out_dtype, channels_last=True, **kw)
     assert low.dtype == out_dtype
@@ -138,8 +142,10 @@ def test_errors():
         photometric(x, p[:, :5], MEAN, STD)
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         photometric(x[:, :2], p, MEAN, STD)
-    with pytest.raises(ValueError, match="blur function"):
+    with pytest.raises(ValueError, match="as many sigmas"):
         photometric(x, p, MEAN, STD, blurred=np.array([0]))
+    with pytest.raises(ValueError, match="odd"):
+        photometric(x, p, MEAN, STD, blurred=np.array([0]), sigma=np.array([1.0]), kernel_size=4)
     with pytest.raises(ValueError, match="out_dtype"):
         photometric(x, p, MEAN, STD, out_dtype=torch.float64, backend="triton")
 

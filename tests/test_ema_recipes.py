@@ -56,7 +56,7 @@ def _trainer(dtype, seed=0):
     return model, step
 
 
-def _assert_same(fused: nn.Module, peer: nn.Module, avg_dtype, where=""):
+def _assert_same(fused: nn.Module, peer: nn.Module, avg_dtype, where="", exact=False):
     """Every parameter and buffer: fp32 to a few ulp (the peers' own CPU kernels use FMA,
     the interpreter does not). bf16: one update differs by at most two bf16 roundings (the
     tie-breaking of the final rounding; lightly's mul-then-add rounds twice), and then the
@@ -66,7 +66,9 @@ def _assert_same(fused: nn.Module, peer: nn.Module, avg_dtype, where=""):
     assert list(f) == list(p)
     for k in f:
         assert f[k].dtype == p[k].dtype, k
-        if f[k].is_floating_point():
+        if f[k].is_floating_point() and exact:
+            assert torch.equal(f[k], p[k]), f"{where} {k}: {(f[k] != p[k]).sum().item()} of {f[k].numel()} differ"
+        elif f[k].is_floating_point():
             torch.testing.assert_close(f[k], p[k], **tol, msg=lambda m: f"{where} {k}: {m}")
         else:
             assert torch.equal(f[k], p[k]), f"{where} {k}: {f[k]} != {p[k]}"
@@ -186,4 +188,7 @@ def test_timm_model_ema_matches_model_ema_v3(dtypes, exclude_buffers):
         peer.update(model, step=k)
         fused.update(model, step=k)
         assert fused.get_decay(k) == peer.get_decay(k)
-        _assert_same(fused.module, peer.module, avg_dtype, f"step {k}")
+        # One dtype: timm runs torch.lerp, which the kernel equals bit for bit (its fma, one
+        # rounding to nearest even; conftest gives the interpreter the compiled rounding, its own
+        # truncation failed this in bf16). Mixed dtypes: timm multiplies then adds (two roundings).
+        _assert_same(fused.module, peer.module, avg_dtype, f"step {k}", exact=model_dtype == avg_dtype)

@@ -1,13 +1,13 @@
 """Triton kernel of the fused photometric augmentation (imported only when the fused path runs;
 see augment.py for the contract and the reference, launches.py for every launch).
 
-One kernel, three passes (``PASS``), each program one tile of ``BLOCK`` pixels (all three
-channels) of one sample:
+One kernel, four passes (``PASS``, run in the order 0, 1, 3, 2), each program one tile of
+``BLOCK`` pixels (all three channels) of one sample:
 
 * ``PASS == 0``: contrast's per-image mean. The grey mean contrast blends towards is the mean
   of the image as the ops *before* contrast in the sample's order left it, so this pass runs
-  those ops and writes the tile's sum of grey (``partial[b, tile]``; 0 where contrast does
-  not run). Reads the input once more (1 byte a value for uint8 crops).
+  those ops and writes the tile's sum of grey (``partial[b, tile]``; left 0 where contrast
+  does not run, and then not read). Reads the input once more (1 byte a value for uint8 crops).
 * ``PASS == 1``: flip, the four colour-jitter ops in the sample's order, grayscale; then,
   for a sample not blurred, solarisation, normalisation and the cast to the output dtype;
   for a blurred one (blur sits between grayscale and solarisation) fp32 into its slot of
@@ -22,7 +22,7 @@ The blur is ``fastbyol.augment.gaussian_blur``'s: ``BLUR_K`` taps (odd) of weigh
 smaller than the kernel the taps cut to ``min(K // 2, size - 1)`` each side and renormalised.
 
 Every division is IEEE (``div_rn``), as torch's, so the fp32 values match the torch path to
-the rounding of fused multiply-adds.
+the rounding of fused multiply-adds (and, in the blur weights, of ``exp``).
 """
 import triton
 import triton.language as tl

@@ -92,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint", help="checkpoint file or run folder")
     ex.add_argument("output", help="output .pt file")
     add_eval_parsers(sub)
-    be = sub.add_parser("bench", help="throughput benchmark (benchmarks/bench_train.py)", add_help=False)
+    be = sub.add_parser("bench", help="training throughput against lightly and byol-pytorch (fastbyol.bench.train)", add_help=False)
     be.add_argument("args", nargs=argparse.REMAINDER)
-    gc = sub.add_parser("gpu-check", help="measure everything on the first GPU (benchmarks/gpucheck; --tiny on CPU)",
+    gc = sub.add_parser("gpu-check", help="measure everything on the first GPU (fastbyol.bench.gpucheck; --tiny on CPU)",
                         add_help=False)
     gc.add_argument("args", nargs=argparse.REMAINDER)
     return p
@@ -208,27 +208,16 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, os.path.join(here, "benchmarks"))
-    try:
-        import bench_train
-    except ImportError:
-        raise FastByolError("benchmarks/bench_train.py not found: run from a source checkout of fastbyol") from None
-    bench_train.main(ns.args)
+    from .bench.train import main as bench_main
+
+    bench_main(ns.args)
     return 0
 
 
 def cmd_gpu_check(ns: argparse.Namespace) -> int:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, os.path.join(here, "benchmarks"))
-    try:
-        import gpucheck
-    except ImportError as e:
-        if "gpucheck" not in str(e):
-            raise
-        raise FastByolError("benchmarks/gpucheck not found: run from a source checkout of fastbyol "
-                            "(python -m fastbyol gpu-check works there without installing)") from None
-    return gpucheck.main(ns.args)
+    from .bench.gpucheck import main as gpu_check_main
+
+    return gpu_check_main(ns.args)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
-from dataclasses import dataclass
 from typing import Dict, Optional
 
-import numpy as np
 import torch
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint, rng_state, set_rng_state
@@ -22,48 +19,21 @@ from .backbones import memory_format
 from .data import build_train_loader, resolve_sources
 from .data.eval_views import eval_loader
 from .distributed import sum_over_ranks
-from .engine import LocalEngine
+from .engines import LocalEngine
 from .errors import EXIT_CODES, FastByolError
 from .finite import describe_nonfinite, nonfinite_flag, state_tensors
-from .knn import knn_accuracy
+from .eval.knn import knn_accuracy
 from .model import BYOL
 from .monitor import Monitor, collapse_std
 from .optim import build_optimizer
 from .resume import check_resume_config, resolve_resume
+from .runtime import DistInfo, check_writable, resolve_device, seed_everything
 from .schedules import lr_at, scaled_lr, tau_at
 from .stop import StopAgreement, StopSignals, TrainingStopped
 
 log = logging.getLogger("fastbyol")
 
 BN_BUFFER_MODES = {"own": "none", "ema": "ema", "copy": "copy"}
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: str, dist: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise FastByolError("--train.device cuda requested but CUDA is not available")
-        torch.backends.cudnn.benchmark = True  # training batches never change shape (always full): tune once
-        return torch.device("cuda", dist.local_rank)
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_model(cfg: Config, device: torch.device) -> BYOL:
@@ -79,22 +49,11 @@ def build_model(cfg: Config, device: torch.device) -> BYOL:
     return model
 
 
-def check_writable(out: str) -> None:
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write-test")
-        with open(probe, "w") as fh:
-            fh.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise FastByolError(f"cannot write to --out {out!r}: {e.strerror or e}") from None
-
-
 class Trainer:
     """Owns one run. ``Trainer(cfg).fit()`` returns a summary dict.
 
     ``engine_factory(model, cfg, device, dist) -> engine`` swaps in another engine
-    (DeepSpeed); the default is :class:`~fastbyol.engine.LocalEngine`.
+    (DeepSpeed); the default is :class:`~fastbyol.engines.local.LocalEngine`.
     """
 
     def __init__(self, cfg: Config, dist: Optional[DistInfo] = None, engine_factory=None):
@@ -202,7 +161,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def knn(self, encoder=None) -> float:
         """Weighted kNN top-1 on all ranks: each extracts its shard of the bank and of the
-        queries, the bank is gathered, each votes for its queries (:mod:`fastbyol.knn`)."""
+        queries, the bank is gathered, each votes for its queries (:mod:`fastbyol.eval.knn`)."""
         t, rank, world = self.cfg.train, self.dist.rank, self.dist.world_size
         workers = self.cfg.data.workers
         size = self.cfg.augment.image_size

@@ -115,7 +115,7 @@ def train_on_fixed_chunks(cfg, dist, engine: str = "deepspeed", overflow_at: int
     from fastbyol.trainer import Trainer
 
     if engine == "deepspeed":
-        from fastbyol.deepspeed_engine import deepspeed_trainer
+        from fastbyol.launch import deepspeed_trainer
 
         trainer = deepspeed_trainer(cfg, dist)
     else:
@@ -147,7 +147,7 @@ def main(argv) -> None:
     if syncs:
         args.remove("--record-syncs")
     from fastbyol.cli import build_parser, resolve_config
-    from fastbyol.launch import dist_info_from_env
+    from fastbyol.runtime import dist_info_from_env
 
     cfg = resolve_config(build_parser().parse_args(["train", *args]))
     dist = dist_info_from_env()

@@ -20,7 +20,8 @@ def knn_record(out: str, data: str, rank: int = 0, world: int = 1) -> dict:
     from fastbyol.config import apply_overrides, preset
     from fastbyol.data.eval_views import eval_loader
     from fastbyol.eval.features import extract_features
-    from fastbyol.trainer import DistInfo, Trainer
+    from fastbyol.runtime import DistInfo
+    from fastbyol.trainer import Trainer
 
     cfg = apply_overrides(preset("smoke"), {"data.data": data, "train.out": out, "train.kernels": "torch",
                                             "train.device": "cpu", "train.knn_k": 5})

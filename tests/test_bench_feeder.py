@@ -1,11 +1,9 @@
-"""benchmarks/bench_feeder.py runs (smoke sizes), times the product's feeder, and shows reads overlapping."""
+"""fastbyol.bench.feeder runs (smoke sizes), times the product's feeder, and shows reads overlapping."""
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-
-import bench_feeder  # noqa: E402
+from fastbyol.bench import feeder as bench_feeder  # noqa: E402
 
 
 def test_bench_feeder_smoke(tmp_path):

@@ -2,7 +2,7 @@
 
 byol-pytorch, einops and kornia are test-only dependencies (``.ci/run`` installs them with
 ``--no-deps``); byol-pytorch's learner module is loaded alone (its package ``__init__`` needs
-accelerate), as ``benchmarks/bench_train.py`` does.
+accelerate), as ``fastbyol bench`` does.
 """
 import copy
 import os
@@ -23,8 +23,7 @@ README = os.path.join(os.path.dirname(__file__), "reference", "byol_pytorch_READ
 
 
 def byol_pytorch():
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    from _common import load_byol_pytorch_learner
+    from fastbyol.bench.common import load_byol_pytorch_learner
 
     try:
         return load_byol_pytorch_learner()

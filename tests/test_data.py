@@ -7,7 +7,8 @@ import torch
 
 from fastbyol.config import preset
 from fastbyol.data.sources import load_cifar, load_source, scan_image_folder, split_holdout
-from fastbyol.data.torch_loader import EpochShardSampler, TorchTwoViewLoader
+from fastbyol.data.batching import EpochShardSampler
+from fastbyol.data.torch_loader import TorchTwoViewLoader
 from fastbyol.errors import FastByolError
 
 from helpers import add_bad_files, make_cifar_dir, make_image_folder

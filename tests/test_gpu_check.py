@@ -11,10 +11,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-import gpucheck  # noqa: E402
-from gpucheck.settings import PART_NAMES  # noqa: E402
+from fastbyol.bench import gpucheck  # noqa: E402
+from fastbyol.bench.gpucheck.settings import PART_NAMES  # noqa: E402
 
 
 def _count_trainer_steps(monkeypatch):
@@ -70,7 +69,7 @@ def test_tiny_records_every_part_and_times_the_trainers_step(tmp_path, monkeypat
 
 def test_the_step_count_catches_a_copied_step(tmp_path, monkeypatch):
     """A runner that times its own copy of the step (what bench_train did before) is caught."""
-    import trainbench.fastbyol_runner as fr
+    import fastbyol.bench.train.fastbyol_runner as fr
 
     def copied_step(self, batch):  # forward, backward, optimizer, EMA: not the trainer's method
         tr = self.trainer
@@ -125,7 +124,7 @@ def test_runs_from_a_plain_checkout_with_nothing_installed(tmp_path):
 
 
 def test_a_failing_part_is_a_row_and_the_rest_still_run(tmp_path, monkeypatch):
-    from gpucheck import run
+    from fastbyol.bench.gpucheck import run
 
     def broken(pc):
         raise RuntimeError("boom")
@@ -140,7 +139,7 @@ def test_a_failing_part_is_a_row_and_the_rest_still_run(tmp_path, monkeypatch):
 def test_a_part_past_its_cap_is_killed_and_reported(tmp_path):
     import argparse
 
-    from gpucheck import run
+    from fastbyol.bench.gpucheck import run
 
     args = argparse.Namespace(tiny=True, cache=None)
     res = run._spawn_part("kernels", args, cap=2, scratch=str(tmp_path))  # the child cannot even import torch in 2 s
@@ -156,7 +155,7 @@ def test_the_lightly_style_loop_computes_what_lightly_does():
     from lightly.models.modules import BYOLProjectionHead
     from lightly.utils.scheduler import cosine_schedule
 
-    from trainbench import lightly_style as ls
+    from fastbyol.bench.train import lightly_style as ls
 
     torch.manual_seed(0)
     ours, theirs = ls.projection_head(24, 40, 8), BYOLProjectionHead(24, 40, 8)
@@ -181,7 +180,7 @@ def test_sync_counting_counts_the_sync_warnings(monkeypatch):
     (the CUDA calls themselves are stubbed: this machine has none)."""
     import warnings
 
-    from gpucheck import train
+    from fastbyol.bench.gpucheck import train
 
     modes = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)

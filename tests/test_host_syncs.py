@@ -108,7 +108,7 @@ def test_generated_deepspeed_config_turns_the_synchronising_timer_off():
     from deepspeed.utils.config import get_timers_config
     from deepspeed.utils.timer import ThroughputTimer
 
-    from fastbyol.deepspeed_engine import generated_config
+    from fastbyol.engines.deepspeed_config import generated_config
 
     def syncs_of(ds_config):
         timer = ThroughputTimer(get_timers_config(ds_config), batch_size=4, start_step=0)

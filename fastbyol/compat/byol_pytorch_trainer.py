@@ -13,9 +13,9 @@ from torch.utils.data import Dataset
 from ..checkpoint import atomic_save
 from ..config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from ..data.torch_dataset import DatasetTwoViewLoader
-from ..engine import LocalEngine
-from ..launch import dist_info_from_env
-from ..trainer import DistInfo, Trainer
+from ..engines import LocalEngine
+from ..runtime import DistInfo, dist_info_from_env
+from ..trainer import Trainer
 from .byol_pytorch import BYOL
 
 PRECISIONS = {"no": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
@@ -135,7 +135,7 @@ class BYOLTrainer:
             return optimizer_klass(params, lr=learning_rate, **opt_kwargs)
 
         if dist.world_size > 1:
-            from ..deepspeed_engine import deepspeed_trainer
+            from ..launch import deepspeed_trainer
 
             self.trainer = deepspeed_trainer(cfg, dist, trainer_cls=_DatasetTrainer, optimizer_factory=optimizer,
                                              learner=self.byol, dataset=dataset, learning_rate=learning_rate,

@@ -45,8 +45,8 @@ def start_distributed(device_name: str, timeout_minutes: float) -> Tuple[torch.d
     """The device of this rank; joins the process group when launched on several ranks
     (torchrun / deepspeed). Returns (device, whether this call created the group)."""
     from ..distributed import backend_for
-    from ..launch import dist_info_from_env
-    from ..trainer import resolve_device
+    from ..runtime import dist_info_from_env
+    from ..runtime import resolve_device
 
     dist = dist_info_from_env()
     device = resolve_device(device_name, dist)
@@ -157,7 +157,7 @@ class Setup:
         self.dim = feature_dim(self.encoder, size)
         self.out = out_dir(ns.out, ns.checkpoint)
         if self.rank == 0:
-            from ..trainer import check_writable
+            from ..runtime import check_writable
 
             check_writable(self.out)  # before minutes of work, not after
         self.data = {"train": cfg.data.data or "embedded default set (train)",
@@ -188,7 +188,7 @@ def run_knn(ns) -> Dict:
     ks = ns.k
     say(f"kNN of the {s.loaded.describe()} on {s.data['train']} ({len(s.train)} images) -> "
         f"{s.data['val']} ({len(s.val)} images), k {','.join(map(str, ks))}, T {ns.t}")
-    from ..knn import knn_scores
+    from .knn import knn_scores
 
     t0 = time.perf_counter()
     bank = s.features(s.train, gather=True, l2=True, cap=ns.max_bank)

@@ -39,21 +39,20 @@ Layout: ``configs`` (what runs), ``data`` (generated folders, peer loaders), ``f
 (the trainer's step), ``peers`` and ``lightly_style`` (the other loops), ``timing``, ``scaling``,
 ``report``, ``cli``.
 
-    python benchmarks/bench_train.py                       # GPU: both configs, batch 256
-    python benchmarks/bench_train.py --smoke               # CPU seconds (CI)
-    python benchmarks/bench_train.py --configs cifar-resnet18 --batch 32 --steps 5 --scaling
-    python benchmarks/bench_train.py --configs imagenet-resnet50 --batch 8 --loader dali   # DALI's CPU backend
-    fastbyol bench -- --smoke                              # the same, through the CLI
+    fastbyol bench                       # GPU: both configs, batch 256
+    fastbyol bench --smoke               # CPU seconds (CI)
+    fastbyol bench --configs cifar-resnet18 --batch 32 --steps 5 --scaling
+    fastbyol bench --configs imagenet-resnet50 --batch 8 --loader dali   # DALI's CPU backend
 
 Writes ``bench_train_<device>_<configs>.{json,md,png}`` to ``--out`` (``benchmarks/results``).
 """
-import os as _os
-import sys as _sys
+from .cli import build_parser, main
+from .configs import MODES, PEERS, BenchConfig, Context, Skip, bench_configs
+from .data import PILDataset, build_source
+from .fastbyol_runner import FastByolRunner
+from .peers import LightlyRunner
+from .report import machine_load, versions
+from .timing import measure, summarise
 
-_HERE = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))  # benchmarks/
-for _p in (_HERE, _os.path.dirname(_HERE)):  # _common, baselines; fastbyol from the checkout
-    if _p not in _sys.path:
-        _sys.path.insert(0, _p)
-from fastbyol._checkout import ensure_kernels  # noqa: E402
-
-ensure_kernels()  # fastbyol_kernels from the checkout when it is not installed (also in spawned workers)
+__all__ = ["BenchConfig", "Context", "FastByolRunner", "LightlyRunner", "MODES", "PEERS", "PILDataset", "Skip",
+           "bench_configs", "build_parser", "build_source", "machine_load", "main", "measure", "summarise", "versions"]

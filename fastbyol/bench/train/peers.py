@@ -79,7 +79,7 @@ def import_byol_pytorch():
 
         return BYOL, "import byol_pytorch"
     except ImportError as e:
-        from _common import load_byol_pytorch_learner
+        from fastbyol.bench.common import load_byol_pytorch_learner
 
         try:
             mod = load_byol_pytorch_learner()

@@ -48,7 +48,7 @@ class Settings:
     precision: str = "bf16"
     kernels: str = "auto"
     workers: int = 0
-    configs: Dict[str, str] = field(default_factory=dict)  # part -> trainbench config name
+    configs: Dict[str, str] = field(default_factory=dict)  # part -> fastbyol.bench.train config name
     budget_s: float = 450.0  # the whole run (the issue: <= 8 min on one H100/H200)
 
 

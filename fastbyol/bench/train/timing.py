@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from _common import sync
+from fastbyol.bench.common import sync
 
 from .configs import Context, Skip
 from .fastbyol_runner import FastByolRunner, Runner

@@ -1,5 +1,5 @@
 """Parts a and b: the compiled kernels against float64, then EMA, loss and LARS against their
-byte floors and the eager / ``_foreach`` baselines (benchmarks/bench_{ema,loss,lars}.py, run
+byte floors and the eager / ``_foreach`` baselines (fastbyol.bench.{ema,loss,lars}, run
 as they are; their own JSON lands under ``<out>/micro/``)."""
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def _row(rows: List[Dict], *, method: str, **match) -> Optional[Dict]:
 
 
 def part_micro(pc) -> Dict:
-    import bench_ema
-    import bench_lars
-    import bench_loss
+    from fastbyol.bench import ema as bench_ema
+    from fastbyol.bench import lars as bench_lars
+    from fastbyol.bench import loss as bench_loss
 
     tiny = pc.settings.tiny
     out_dir = os.path.join(pc.out, "micro")  # their own JSON: scratch (the rows are in gpu-check's record)

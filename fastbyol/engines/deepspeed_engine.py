@@ -1,8 +1,8 @@
-"""Multi-GPU / multi-node BYOL with DeepSpeed: the engine adapter, its config, the entry point.
+"""Multi-GPU / multi-node BYOL with DeepSpeed: the engine adapter.
 
 ``run_deepspeed(cfg, dist)`` is what ``fastbyol train`` runs when launched by ``deepspeed``,
 ``torchrun`` or with ``--deepspeed true``. The trainer (:mod:`fastbyol.trainer`) is the same
-as on one process; only the engine differs (interface: :mod:`fastbyol.engine`).
+as on one process; only the engine differs (contract: :mod:`fastbyol.engines.contract`).
 
 Design (issue #5):
 
@@ -44,147 +44,30 @@ Design (issue #5):
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import shutil
 import sys
-from datetime import timedelta
-from functools import partial
 from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as tdist
 
-from .backbones import memory_format
-from .checkpoint import atomic_save, fsync_dir, load_checkpoint, safe_load, write_checkpoint
-from .config import Config
-from .distributed import (backend_for, barrier, broadcast_module_state, close_process_group,
-                          convert_sync_batchnorm, ensure_env, mean_over_ranks_)
-from .engine import StepSeen, autocast_context
-from .errors import FastByolError
-from .optim import build_optimizer
-from .schedules import scaled_lr
-from .trainer import DistInfo, Trainer, resolve_device
+from ..backbones import memory_format
+from ..checkpoint import atomic_save, fsync_dir, load_checkpoint, safe_load, write_checkpoint
+from ..config import Config
+from ..distributed import barrier, broadcast_module_state, convert_sync_batchnorm, mean_over_ranks_
+from ..errors import FastByolError
+from ..optim import build_optimizer
+from ..runtime import DistInfo
+from ..schedules import scaled_lr
+from .contract import StepSeen, autocast_context
 
 DS_DIR = "deepspeed"  # DeepSpeed's checkpoint folder inside --out
-AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
-_DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
-                "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
-                "fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32"}
 
-
-# ----------------------------------------------------------------------------- config
-
-def batch_numbers(cfg: Config, world: int) -> Dict[str, int]:
-    """DeepSpeed's three batch fields from fastbyol's global batch, accumulation and world size."""
-    batch, accum = cfg.train.batch_size, cfg.dist.grad_accum
-    if batch % (world * accum):
-        raise FastByolError(f"train.batch_size {batch} is not divisible by world size {world} x "
-                            f"dist.grad_accum {accum}")
-    return {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch // (world * accum),
-            "gradient_accumulation_steps": accum}
-
-
-def _finish(ds: Dict[str, Any], cfg: Config, source: str) -> Dict[str, Any]:
-    """Checks and defaults shared by generated and user configs."""
-    zero = ds.setdefault("zero_optimization", {})
-    stage = int(zero.setdefault("stage", cfg.dist.zero_stage))
-    if stage > 2:
-        raise FastByolError(f"{source}: ZeRO stage {stage} partitions the weights, but the target EMA needs the "
-                            "whole online network on every rank; use stage 0, 1 or 2")
-    if stage > 0 and cfg.optim.optimizer == "lars":
-        raise FastByolError(f"{source}: ZeRO stage {stage} hands the optimizer flat partitions, so LARS's per-layer "
-                            "trust ratios would become per-partition; use --dist.zero_stage 0 with LARS, or "
-                            "--optim.optimizer sgd|adamw with ZeRO")
-    if stage > 0 and cfg.train.precision == "fp16":
-        raise FastByolError(f"{source}: fp16 loss scaling is supported without ZeRO only; use "
-                            "--train.precision bf16 with ZeRO, or --dist.zero_stage 0")
-    if cfg.train.precision != "fp32":
-        ds.setdefault("torch_autocast", {"enabled": True, "dtype": AUTOCAST_DTYPES[cfg.train.precision]})
-    if stage > 0:
-        ds.setdefault("zero_allow_untested_optimizer", True)  # a client optimizer, checked above
-    ds.setdefault("gradient_clipping", 0.0)
-    # DeepSpeed's throughput timer is on by default and synchronises the device at the start
-    # and end of every micro-batch (3 syncs each); fastbyol times its steps itself.
-    ds.setdefault("wall_clock_breakdown", False)
-    ds.setdefault("timers", {"throughput": {"enabled": False, "synchronized": False}})
-    ds.setdefault("flops_profiler", {"enabled": False})
-    return ds
-
-
-def generated_config(cfg: Config, world: int) -> Dict[str, Any]:
-    """The DeepSpeed config fastbyol writes when no ``--dist.ds_config`` is given."""
-    ds = {**batch_numbers(cfg, world), "gradient_clipping": 0.0, "zero_optimization": {"stage": cfg.dist.zero_stage}}
-    return _finish(ds, cfg, "dist.zero_stage")
-
-
-def merge_user_config(user: Dict[str, Any], cfg: Config, world: int, source: str = "--dist.ds_config") -> Dict[str, Any]:
-    """A user's DeepSpeed JSON, checked against fastbyol's config and completed.
-
-    Batch fields may be absent or ``"auto"`` (filled in) but must otherwise agree with
-    ``train.batch_size``, ``dist.grad_accum`` and the world size; precision comes from
-    ``train.precision``; ``optimizer``/``scheduler`` sections and DeepSpeed's ``fp16``/``bf16``
-    modes are refused (see the module docstring). Raises :class:`FastByolError` naming the key.
-    """
-    ds = copy.deepcopy(user)
-    want = batch_numbers(cfg, world)
-    for key, value in want.items():
-        have = ds.get(key, "auto")
-        if have == "auto":
-            ds[key] = value
-        elif not isinstance(have, int) or have != value:
-            raise FastByolError(
-                f"{source}: {key} is {have!r} but fastbyol's config gives {value} (global batch "
-                f"{want['train_batch_size']} = micro-batch {want['train_micro_batch_size_per_gpu']} x grad-accum "
-                f"{want['gradient_accumulation_steps']} x {world} ranks); make them agree via --train.batch_size / "
-                f"--dist.grad_accum, or drop the key and fastbyol fills it in")
-    for key, why in (("optimizer", "fastbyol passes its own optimizer (--optim.optimizer)"),
-                     ("scheduler", "fastbyol sets the learning rate every step (warm-up + cosine)")):
-        if key in ds:
-            raise FastByolError(f"{source}: remove the {key!r} section: {why}")
-    for key in ("fp16", "bf16"):
-        if isinstance(ds.get(key), dict) and ds[key].get("enabled", False):
-            raise FastByolError(
-                f"{source}: remove the {key!r} section and use --train.precision {key}: DeepSpeed's {key} mode "
-                "flattens parameter groups (LARS trust ratios would become per-partition); fastbyol runs "
-                "torch autocast over fp32 weights instead")
-    autocast = ds.get("torch_autocast")
-    if isinstance(autocast, dict) and autocast.get("enabled", False):
-        dtype = _DTYPE_NAMES.get(str(autocast.get("dtype", "bfloat16")).lower(), autocast.get("dtype"))
-        if dtype != cfg.train.precision:
-            raise FastByolError(f"{source}: torch_autocast dtype {autocast.get('dtype')!r} disagrees with "
-                                f"--train.precision {cfg.train.precision}")
-    elif isinstance(autocast, dict) and cfg.train.precision != "fp32":
-        raise FastByolError(f"{source}: torch_autocast is disabled but --train.precision is {cfg.train.precision}")
-    stage = ds.get("zero_optimization", {}).get("stage")
-    if stage is not None and cfg.dist.zero_stage not in (0, stage):
-        raise FastByolError(f"{source}: zero_optimization.stage {stage} disagrees with --dist.zero_stage "
-                            f"{cfg.dist.zero_stage}")
-    return _finish(ds, cfg, source)
-
-
-def deepspeed_config(cfg: Config, world: int) -> Dict[str, Any]:
-    """The DeepSpeed config of this run: ``cfg.dist.ds_config`` checked and completed, or generated."""
-    path = cfg.dist.ds_config
-    if path is None:
-        return generated_config(cfg, world)
-    try:
-        with open(path) as fh:
-            user = json.load(fh)
-    except OSError as e:
-        raise FastByolError(f"cannot read --dist.ds_config {path!r}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise FastByolError(f"--dist.ds_config {path!r} is not valid JSON: {e}") from None
-    if not isinstance(user, dict):
-        raise FastByolError(f"--dist.ds_config {path!r}: expected a JSON object")
-    return merge_user_config(user, cfg, world, source=f"--dist.ds_config {os.path.basename(path)}")
-
-
-# ----------------------------------------------------------------------------- engine
 
 class DeepSpeedEngine:
-    """fastbyol's engine interface over a ``deepspeed.DeepSpeedEngine`` (see :mod:`fastbyol.engine`).
+    """fastbyol's engine interface over a ``deepspeed.DeepSpeedEngine`` (see :mod:`fastbyol.engines.contract`).
 
     Args:
         ds: the DeepSpeed engine wrapping ``model.online`` with the client optimizer.
@@ -342,8 +225,6 @@ class DeepSpeedEngine:
         return state
 
 
-# ----------------------------------------------------------------------------- entry point
-
 def import_deepspeed(device: torch.device):
     """``import deepspeed`` on the accelerator matching ``device`` (CPU runs pin DS_ACCELERATOR=cpu,
     so that ``--train.device cpu`` on a GPU machine really runs on the CPU)."""
@@ -384,42 +265,3 @@ def make_engine(model, cfg: Config, device: torch.device, dist: DistInfo, ds_con
     if cfg.train.compile:
         ds.compile()
     return DeepSpeedEngine(ds, model, device, cfg.train.precision, dist, sync_bn)
-
-
-def deepspeed_trainer(cfg: Config, dist: DistInfo, trainer_cls=Trainer, optimizer_factory=None,
-                      **trainer_kwargs) -> Trainer:
-    """Join (or create) the process group and build a :class:`Trainer` (or ``trainer_cls``, given
-    ``trainer_kwargs``) on the DeepSpeed engine. Configuration errors are raised before any
-    process group exists."""
-    cfg.validate()
-    ds_config = deepspeed_config(cfg, dist.world_size)
-    device = resolve_device(cfg.train.device, dist)
-    deepspeed = import_deepspeed(device)
-    ensure_env()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # before NCCL, so each rank's communicator lives on its own GPU
-    if not tdist.is_initialized():
-        # The timeout bounds every collective, including the ranks' wait for a slow kNN or
-        # checkpoint: torch's NCCL default (10 min) is too short for ImageNet's kNN.
-        deepspeed.init_distributed(dist_backend=backend_for(device), verbose=False,
-                                   timeout=timedelta(minutes=cfg.dist.timeout_minutes))
-    if tdist.get_world_size() != dist.world_size:
-        raise FastByolError(f"launcher says WORLD_SIZE={dist.world_size} but the process group has "
-                            f"{tdist.get_world_size()} ranks")
-    return trainer_cls(cfg, dist, engine_factory=partial(make_engine, ds_config=ds_config,
-                                                         optimizer_factory=optimizer_factory), **trainer_kwargs)
-
-
-def run_deepspeed(cfg: Config, dist: DistInfo) -> Optional[Dict]:
-    """Train under DeepSpeed; the summary on rank 0, None on the other ranks."""
-    from .stop import TrainingStopped
-
-    try:
-        summary = deepspeed_trainer(cfg, dist).fit()
-    except TrainingStopped:  # every rank stopped at the same step, after the checkpoint
-        close_process_group()
-        raise
-    # Only after success: on an error the launcher tears the job down, and tearing the group
-    # down here could wait forever on ranks still inside a collective.
-    close_process_group()
-    return summary if dist.is_main else None

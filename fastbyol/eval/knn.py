@@ -15,10 +15,10 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from .config import AugmentConfig
-from .errors import FastByolError
-from .distributed import all_reduce_sum
-from .eval.features import Features, extract_features
+from ..config import AugmentConfig
+from ..errors import FastByolError
+from ..distributed import all_reduce_sum
+from .features import Features, extract_features
 
 
 def knn_votes_per_k(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,

@@ -5,7 +5,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from _common import markdown_table
+from fastbyol.bench.common import markdown_table
 from fastbyol.monitor import headless_pyplot
 
 from .configs import MODES, PEERS

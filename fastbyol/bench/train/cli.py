@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from _common import RESULTS, stamp, write_json
+from fastbyol.bench.common import RESULTS, stamp, write_json
 
 from .configs import EXTRA_MODES, MODES, Context, bench_configs
 from .data import build_source
@@ -21,7 +21,7 @@ DESCRIPTION = "Whole BYOL training steps per second: fastbyol against lightly an
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench_train", description=DESCRIPTION,
+    p = argparse.ArgumentParser(prog="fastbyol bench", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Modes: " + ", ".join(MODES))
     p.add_argument("--smoke", action="store_true",
@@ -82,7 +82,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     kernels = args.kernels or ("auto" if cuda else "torch")
     gbs = args.interconnect_gbs or (400.0 if cuda else 10.0)
     full_loader, no_dali = resolve_full_loader(args.loader, device)
-    command = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "fastbyol bench " + " ".join(argv if argv is not None else sys.argv[1:])
     st = stamp(device)
     load_before = machine_load()
     print(f"bench_train on {st['device']} (torch {st['torch']}, {st['date']}): configs {configs}, batch {batches}, "

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from fastbyol._checkout import checkout_root
+from fastbyol.bench.common import results_dir
 from fastbyol.errors import FastByolError
 
 from . import micro, train
@@ -28,7 +29,7 @@ from .settings import PART_NAMES, PARTS, PartSkip, settings
 
 DERIVED = {"name": "lightly-style", "letter": "d",
            "title": "fastbyol / the same step written as lightly's BYOL example (torch only), from part c"}
-RESULTS = os.path.join(checkout_root(), "benchmarks", "results")
+RESULTS = results_dir()
 
 
 @dataclasses.dataclass

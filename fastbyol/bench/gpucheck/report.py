@@ -11,7 +11,7 @@ from typing import Dict, List
 
 import torch
 
-from _common import markdown_table
+from fastbyol.bench.common import markdown_table
 from fastbyol.monitor import headless_pyplot
 
 

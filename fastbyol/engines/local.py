@@ -1,52 +1,14 @@
-"""The optimisation step behind one interface, so the trainer does not care who runs it.
-
-:class:`LocalEngine` is the single-process engine (autocast, fp16 loss scaling, gradient
-accumulation). The DeepSpeed engine (:mod:`fastbyol.deepspeed_engine`) implements the same
-methods:
-
-* ``module``: the online network to call (possibly wrapped);
-* ``autocast()``: the precision context for the forward pass;
-* ``backward(loss)``: one micro-batch's backward;
-* ``step() -> bool``: called after every micro-batch; True only when an optimizer step was
-  applied (an accumulation boundary that fp16 loss scaling did not skip). The target
-  update and the schedules advance on True alone;
-* ``set_lr(lr)``; ``ema_source()``: the modules whose fp32 weights the target averages;
-* ``save(path, state, keep_last, final)`` / ``load(path, state=None) -> state``: checkpoints including
-  optimizer state (``state``: the already-read ``checkpoint.pt``, so it is not read twice).
-"""
+"""One process: autocast forward, GradScaler for fp16, accumulation over micro-batches."""
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, write_checkpoint
-from .errors import FastByolError
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def autocast_context(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[precision])
-
-
-class StepSeen:
-    """Whether ``optimizer.step()`` ran since :meth:`clear` (a post-step hook: no device read).
-    GradScaler skips the optimizer's step on overflow, so this tells a skipped fp16 step."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.seen = False
-        optimizer.register_step_post_hook(self._hook)
-
-    def _hook(self, optimizer, args, kwargs) -> None:
-        self.seen = True
-
-    def clear(self) -> None:
-        self.seen = False
+from ..checkpoint import load_checkpoint, write_checkpoint
+from ..errors import FastByolError
+from .contract import StepSeen, autocast_context
 
 
 class LocalEngine:

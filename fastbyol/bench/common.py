@@ -23,7 +23,18 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def results_dir() -> str:
+    """Where results go by default: ``benchmarks/results`` of the source checkout this package
+    runs from; for an installed package (no checkout around it), ``./fastbyol-results``."""
+    from .._checkout import checkout_root
+
+    in_checkout = os.path.join(checkout_root(), "benchmarks", "results")
+    return in_checkout if os.path.isdir(in_checkout) else os.path.join(os.getcwd(), "fastbyol-results")
+
+
+RESULTS = results_dir()
 L2_FLUSH_BYTES = 256 << 20  # several times any current GPU's L2 (H100: 50 MB)
 
 

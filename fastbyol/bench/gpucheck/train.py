@@ -1,6 +1,6 @@
-"""Parts c, e and f: whole training steps through benchmarks/trainbench. The fastbyol rows are
-``Trainer.train_micro_batch`` of a real Trainer (trainbench.fastbyol_runner); the baseline is
-lightly's BYOL example loop written out in torch (trainbench.lightly_style), same device, same
+"""Parts c, e and f: whole training steps through fastbyol.bench.train. The fastbyol rows are
+``Trainer.train_micro_batch`` of a real Trainer (fastbyol.bench.train.fastbyol_runner); the baseline is
+lightly's BYOL example loop written out in torch (fastbyol.bench.train.lightly_style), same device, same
 run, modes one after another on the same images."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Dict, List
 
 import torch
 
-from trainbench.configs import Context, bench_configs
-from trainbench.data import build_source
-from trainbench.fastbyol_runner import FastByolRunner, dali_import_error
-from trainbench.timing import measure, summarise
+from fastbyol.bench.train.configs import Context, bench_configs
+from fastbyol.bench.train.data import build_source
+from fastbyol.bench.train.fastbyol_runner import FastByolRunner, dali_import_error
+from fastbyol.bench.train.timing import measure, summarise
 
 from . import settings as S
 from .settings import PartSkip
@@ -143,7 +143,7 @@ def part_dali(pc) -> Dict:
     err = dali_import_error()
     if err:
         raise PartSkip(err)
-    from bench_pipeline import images_per_second
+    from fastbyol.bench.pipeline import images_per_second
     from fastbyol.data.dali import DaliTwoViewLoader
 
     ctx = _context(pc, "dali")

@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
-from baselines import PerParameterEMA, PerParameterLARS
+from fastbyol.bench.baselines import PerParameterEMA, PerParameterLARS
 from fastbyol.config import Config, preset
 from fastbyol.data.base import TwoViewBatch
 
@@ -125,7 +125,7 @@ def _engine_factory(optimizer: str, allreduce: bool):
         return None
 
     def build(model, cfg, device, dist):
-        from fastbyol.engine import LocalEngine
+        from fastbyol.engines import LocalEngine
         from fastbyol.optim import build_optimizer, param_groups
         from fastbyol.schedules import scaled_lr
 

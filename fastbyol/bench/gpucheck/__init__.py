@@ -4,12 +4,12 @@ Parts, each with its own time cap (``settings.PARTS``), each in its own process:
 
   a. kernels          the compiled Triton kernels against float64 (fastbyol_kernels.check)
   b. micro            EMA, loss, LARS against their byte floors and eager / _foreach baselines
-                      (benchmarks/bench_ema.py, bench_loss.py, bench_lars.py)
+                      (fastbyol.bench.ema, .loss, .lars)
   c. e2e-r50          ResNet-50 @224, bf16, channels_last: synthetic on-device views (the ceiling),
                       then the torch loader with on-GPU augmentation on generated JPEGs;
      e2e-cifar        the same for ResNet-18 CIFAR @32;
      e2e-r50-compile  ResNet-50 with --train.compile; peak memory for every row. The fastbyol rows
-                      time Trainer.train_micro_batch of a real Trainer (benchmarks/trainbench)
+                      time Trainer.train_micro_batch of a real Trainer (fastbyol.bench.train)
   d. lightly-style    fastbyol ÷ the same step written as lightly's BYOL example (torch only),
                       measured in part c on the same device in the same run: the headline
   e. syncs            host syncs per step (torch.cuda.set_sync_debug_mode; CUDA only)
@@ -21,14 +21,6 @@ target met / missed). ``--tiny`` runs every part on a CPU in about a minute (CI)
     python -m fastbyol gpu-check              # a plain checkout, nothing installed
     fastbyol gpu-check --tiny                 # CPU smoke version
 """
-import os as _os
-import sys as _sys
-
-_HERE = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))  # benchmarks/
-if _HERE not in _sys.path:
-    _sys.path.insert(0, _HERE)
-import trainbench  # noqa: E402,F401  (sys.path for _common / baselines; fastbyol_kernels from the checkout)
-
 from .run import main  # noqa: E402
 
 __all__ = ["main"]

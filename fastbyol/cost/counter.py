@@ -20,6 +20,7 @@ happens. The rules, per op:
 * convolutions and matmuls: FLOPs ``2·M·N·K`` (a convolution's backward one GEMM per gradient
   it returns, one launch each); element-wise ops one FLOP per output element;
 * a CPU tensor copied to the device: a host→device transfer, not a kernel (counted apart);
+  an op on CPU tensors alone: host work, not counted;
 * Triton launches (:func:`launch_cost`): from their :class:`fastbyol_kernels.launches.Launch`
   description, the tensors each kernel reads and writes.
 
@@ -135,6 +136,8 @@ def op_cost(func, args, kwargs, out) -> Optional[OpCost]:
     if name in FREE_OPS or getattr(func, "is_view", False):
         return None
     ins, outs = _tensors((args, kwargs)), _tensors(out)
+    if all(t.device.type == "cpu" for t in ins + outs):  # host work (e.g. on a remembered table): no kernel
+        return None
     if name == "_to_copy" and ins and ins[0].device.type == "cpu" and outs and outs[0].device.type != "cpu":
         return OpCost(name, launches=0, bytes_read=spanned_bytes(ins[0]), kind="transfer")
     dtype = str(outs[0].dtype).replace("torch.", "") if outs else (str(ins[0].dtype).replace("torch.", "") if ins else "")
@@ -235,6 +238,10 @@ class CostCounter(TorchDispatchMode):
         if self.recording:
             self.records.append(Record(stage or self.stage, cost))
 
+    def remember(self, device_tensor: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the host values of a small device tensor (a table built from a Python list)."""
+        self._constants[id(device_tensor)] = (weakref.ref(device_tensor), values)
+
     def constant(self, t: torch.Tensor) -> Optional[torch.Tensor]:
         """The host values of a device tensor that was copied from a small CPU tensor, if known."""
         hit = self._constants.get(id(t))
@@ -247,7 +254,7 @@ class CostCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         if (_name(func) == "_to_copy" and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"
                 and isinstance(out, torch.Tensor) and out.device.type == "meta" and out.numel() <= 1 << 20):
-            self._constants[id(out)] = (weakref.ref(out), args[0].clone())
+            self.remember(out, args[0].clone())
         if self.recording:
             cost = op_cost(func, args, kwargs, out)
             if cost is not None:

@@ -128,3 +128,14 @@ def write(summary: Dict, folder: str, name: Optional[str] = None) -> List[str]:
     paths = [base + ".json", base + ".md"]
     png = bar_chart(summary, base + ".png")
     return paths + ([png] if png else [])
+
+
+def regressions(committed: Dict, now: Dict, tolerance: float = 0.10) -> List[tuple]:
+    """``(stage, committed bytes, bytes now)`` for every stage whose modelled traffic grew more
+    than ``tolerance`` over the committed summary (a stage that was empty counts from 1 MB)."""
+    out = []
+    for stage, row in now["stages"].items():
+        before = committed["stages"].get(stage, {}).get("bytes", 0)
+        if row["bytes"] > max(before, 1e6 if not before else 0) * (1 + tolerance):
+            out.append((stage, before, row["bytes"]))
+    return out

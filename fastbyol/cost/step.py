@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import tempfile
 import time
@@ -49,6 +50,7 @@ from .counter import CostCounter, OpCost, Record, launch_cost
 
 STAGES = ("augmentation", "forward", "backward", "batchnorm", "loss", "ema", "optimizer", "collectives", "other")
 CUDA = torch.device("cuda")  # the device the meta tensors stand for (a name: nothing is allocated)
+_ADDRESSES = itertools.count(1)  # fake storage addresses, never reused (the EMA caches its tables by address)
 GRAD_BUCKET_BYTES = 25 * 2 ** 20  # DDP's default bucket
 SOURCE_HW = (375, 500)  # the image size the crop boxes are drawn for (a typical ImageNet photo; no cost depends on it)
 
@@ -253,14 +255,25 @@ def _device_layer(counter: CostCounter, world_size: int):
         storage = t.untyped_storage()
         base = bases.get(storage._cdata)
         if base is None:
-            base = bases[storage._cdata] = (len(bases) + 1) << 40  # 1 TB apart: no two overlap
+            base = bases[storage._cdata] = next(_ADDRESSES) << 40  # 1 TB apart: no two overlap
         return base + t.storage_offset() * t.element_size()
 
-    saved = [(torch.Tensor, "data_ptr", real_data_ptr),
+    real_tensor = torch.tensor
+
+    def tensor(data, *args, **kwargs):
+        # A table built from a Python list straight on the device (the EMA's block lengths)
+        # passes no aten op the counter sees: keep its values here.
+        out = real_tensor(data, *args, **kwargs)
+        if out.device.type == "meta" and out.numel() <= 1 << 20:
+            counter.remember(out, real_tensor(data, dtype=out.dtype))
+        return out
+
+    saved = [(torch.Tensor, "data_ptr", real_data_ptr), (torch, "tensor", real_tensor),
              (kloss, "use_triton", kloss.use_triton), (kema, "use_triton", kema.use_triton),
-             (Launch, "run", Launch.run), (sync_batchnorm, "_all_reduce_sum", sync_batchnorm._all_reduce_sum),
+             (Launch, "run", Launch.run), (kema, "_plans", kema._plans), (sync_batchnorm, "_all_reduce_sum", sync_batchnorm._all_reduce_sum),
              (torch.distributed, "is_initialized", torch.distributed.is_initialized)]
-    torch.Tensor.data_ptr = data_ptr
+    torch.Tensor.data_ptr, torch.tensor = data_ptr, tensor
+    kema._plans = {}  # the EMA's block tables are this run's (their lengths are remembered by this counter)
     kloss.use_triton = kema.use_triton = use_triton
     Launch.run = record_launch
     sync_batchnorm._all_reduce_sum = all_reduce

@@ -1,4 +1,4 @@
-"""``fastbyol`` command line: ``train``, ``export``, ``eval linear|knn``, ``bench``, ``gpu-check``.
+"""``fastbyol`` command line: ``train``, ``export``, ``eval linear|knn``, ``bench``, ``gpu-check``, ``cost``.
 
 Errors a user can fix (bad config, missing data, non-finite loss, unwritable output) print
 one line, ``fastbyol: error: ...``, and exit with status 2; no traceback. A run stopped by
@@ -97,6 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gpu-check", help="measure everything on the first GPU (fastbyol.bench.gpucheck; --tiny on CPU)",
                         add_help=False)
     gc.add_argument("args", nargs=argparse.REMAINDER)
+    co = sub.add_parser("cost", help="model one training step's GPU cost per stage, without a GPU (fastbyol/cost)",
+                        usage="fastbyol cost [--preset NAME] [--batch-size N] [--precision P] [--world-size N] "
+                              "[--save DIR] [--json] [--section.field VALUE ...]",
+                        description="Run the training step on meta tensors, count every op's launches, bytes and "
+                                    "FLOPs, and print per-stage roofline times for H100 and H200.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    co.add_argument("--preset", choices=sorted(PRESETS), default="imagenet-resnet50", help="named config")
+    co.add_argument("--world-size", type=int, default=1, help="GPUs the global batch is split over (>1: "
+                                                              "SyncFreeBatchNorm and gradient all-reduces counted)")
+    co.add_argument("--save", metavar="DIR", default=None, help="also write cost_<preset>_b<batch>_<precision>"
+                                                                ".json/.md/.png there")
+    co.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    co.add_argument("--top", type=int, default=15, help="costliest ops listed")
+    add_config_arguments(co)
     return p
 
 
@@ -220,6 +234,17 @@ def cmd_gpu_check(ns: argparse.Namespace) -> int:
     return gpu_check_main(ns.args)
 
 
+def cmd_cost(ns: argparse.Namespace) -> int:
+    from .cost import report, step_cost
+
+    summary = report.summarize(step_cost(resolve_config(ns), ns.world_size))
+    print(json.dumps(summary, indent=1) if ns.json else report.table(summary, ns.top))
+    if ns.save:
+        for path in report.write(summary, ns.save):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -230,7 +255,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_gpu_check(argparse.Namespace(args=argv[1:]))
         ns = build_parser().parse_args(argv)
         return {"train": cmd_train, "export": cmd_export, "eval": cmd_eval, "bench": cmd_bench,
-                "gpu-check": cmd_gpu_check}[ns.command](ns)
+                "gpu-check": cmd_gpu_check, "cost": cmd_cost}[ns.command](ns)
     except FastByolError as e:
         print(f"fastbyol: error: {e}", file=sys.stderr)
         return 2

@@ -41,11 +41,12 @@ from ..backbones import memory_format
 from ..config import Config
 from ..data.base import TwoViewBatch
 from ..data import view_dtype
-from ..engine import DTYPES, LocalEngine
+from ..engines import DTYPES, LocalEngine
 from ..errors import FastByolError
 from ..optim import build_optimizer, is_excluded
 from ..schedules import scaled_lr
-from ..trainer import DistInfo, Trainer, build_model
+from ..runtime import DistInfo
+from ..trainer import Trainer, build_model
 from .counter import CostCounter, OpCost, Record, launch_cost
 
 STAGES = ("augmentation", "forward", "backward", "batchnorm", "loss", "ema", "optimizer", "collectives", "other")
@@ -106,7 +107,7 @@ class _NoLoader:
 
 
 class CostEngine(LocalEngine):
-    """:class:`~fastbyol.engine.LocalEngine` with its precision context as on CUDA, and each of
+    """:class:`~fastbyol.engines.local.LocalEngine` with its precision context as on CUDA, and each of
     its phases scoped to a stage."""
 
     def __init__(self, online, optimizer, precision: str, counter: CostCounter, grad_accum: int):

@@ -173,3 +173,9 @@ def test_configuration_reference_is_current():
     with open(os.path.join(ROOT, DEFAULT_PATH), encoding="utf-8") as fh:
         committed = fh.read()
     assert committed == render(), f"{DEFAULT_PATH} is stale: run `python -m fastbyol.config_reference`"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_python_blocks_compile(doc):
+    for block in _blocks(doc, ("python",)):
+        compile(block, f"{doc} (python block)", "exec")

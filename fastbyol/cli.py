@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     tr = sub.add_parser("train", help="pretrain an encoder with BYOL",
-                        usage="fastbyol train [--preset NAME] [--data DIR] [--val-data DIR] [--section.field VALUE ...]",
+                        usage="fastbyol train [--preset NAME] [--config FILE] [--data DIR] [--val-data DIR] [--section.field VALUE ...]",
                         description="Pretrain with BYOL. Without --data, trains on the embedded synthetic "
                                     "texture set (written once to ~/.cache/fastbyol). Every config field can be "
                                     "set as --section.field VALUE.",
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preset", choices=sorted(PRESETS), default=None,
                     help="named config (default: 'default' without --data, 'cifar10-resnet18' for CIFAR "
                          "batches, 'imagenet-resnet50' for an image folder)")
+    tr.add_argument("--config", metavar="FILE", default=None,
+                    help="YAML or JSON config, nested by section as a run's config.yaml (preset < file < flags)")
     tr.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     tr.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     add_config_arguments(tr)
@@ -192,8 +194,15 @@ def auto_preset(data: Optional[str]) -> str:
 
 
 def resolve_config(ns: argparse.Namespace) -> Config:
+    """The preset, then ``--config FILE``, then the flags, each overriding the one before."""
+    from .config_file import apply_config_values, read_config_file
+
     overrides = {k: v for k, v in vars(ns).items() if "." in k}
-    cfg = preset(ns.preset or auto_preset(overrides.get("data.data")))
+    from_file = read_config_file(ns.config) if getattr(ns, "config", None) else {}
+    file_preset = from_file.pop("preset", None)
+    data = overrides.get("data.data", from_file.get("data.data"))
+    cfg = preset(ns.preset or file_preset or auto_preset(data))
+    apply_config_values(cfg, from_file)
     return apply_overrides(cfg, overrides).validate()
 
 

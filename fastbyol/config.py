@@ -174,7 +174,7 @@ def _default() -> Config:
     # What `fastbyol train` runs with no data argument: the embedded synthetic set on a
     # 2-core CPU in about two minutes. A 4-layer convnet (a ResNet-18 trains at ~15 img/s
     # there); tau_base 0.9 because 0.99 learns nothing in a few hundred steps; lr 0.025
-    # (base 0.1) because 0.1 learned on only some seeds (DEVELOPERS.md).
+    # (base 0.1) because 0.1 learned on only some seeds (benchmarks/results/LOG.md).
     return Config(
         preset="default",
         model=ModelConfig(backbone="convnet4", projector_hidden=512, predictor_hidden=512, projection_dim=128),

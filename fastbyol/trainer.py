@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint, rng_state, set_rng_state
 from .config import Config
+from .config_file import write_run_config
 from .backbones import memory_format
 from .data import build_train_loader, resolve_sources
 from .data.eval_views import eval_loader
@@ -100,6 +101,8 @@ class Trainer:
             self._resume(resume)
         else:
             self.monitor.rewrite([])  # a fresh run starts a fresh metrics.jsonl
+        if self.dist.is_main:
+            self.write_config()
 
     # ------------------------------------------------------------------ parts a subclass may replace
     # (fastbyol.compat.byol_pytorch's BYOLTrainer: a user's network, Dataset and constant schedules)
@@ -113,6 +116,10 @@ class Trainer:
 
     def build_model(self) -> BYOL:
         return build_model(self.cfg, self.device)
+
+    def write_config(self) -> None:
+        """``<out>/config.yaml``: the resolved config, so ``fastbyol train --config`` reruns the run."""
+        write_run_config(self.cfg, self.cfg.train.out)
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, self.total_steps, self.peak_lr, self.warmup_steps)

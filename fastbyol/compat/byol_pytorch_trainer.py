@@ -43,6 +43,9 @@ class _DatasetTrainer(Trainer):
         self.learner.to(self.device)  # the user's network moves with it, in place
         return self.learner.model
 
+    def write_config(self) -> None:
+        pass  # the user's network, Dataset and optimizer are not in a Config: no file could rerun this run
+
     def lr_at(self, step: int) -> float:
         return self.learning_rate
 

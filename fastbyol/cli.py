@@ -55,12 +55,24 @@ def _metavar(typ) -> str:
     return getattr(typ, "__name__", str(typ)).upper()
 
 
+def _shown(value) -> str:
+    """A default as it is typed on the command line (tuples as A,B)."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def preset_defaults(name: str) -> str:
+    """``(default: 64; cifar10-resnet18: 256, imagenet-resnet50: 4096, smoke: 16)``: the
+    ``default`` preset's value of field ``name``, then the presets where it differs."""
+    values = {p: _shown(dict((n, v) for n, _, v in iter_fields(preset(p)))[name]) for p in PRESETS}
+    others = [f"{p}: {v}" for p, v in sorted(values.items()) if p != "default" and v != values["default"]]
+    return f"(default: {values['default']}{'; ' + ', '.join(others) if others else ''})"
+
+
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    reference = preset("imagenet-resnet50")
     docs = field_docs()
     inverse = {v: k for k, v in ALIASES.items()}
     groups = {}
-    for name, typ, default in iter_fields(reference):
+    for name, typ, _ in iter_fields(preset("default")):
         if name == "preset":
             continue
         section = name.split(".")[0]
@@ -68,7 +80,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
             groups[section] = p.add_argument_group(f"{section} config")
         flags = [f"--{name}"] + ([inverse[name]] if name in inverse else [])
         groups[section].add_argument(*flags, dest=name, metavar=_metavar(typ), default=argparse.SUPPRESS,
-                                     help=f"{docs.get(name, '')} (imagenet-resnet50: {default})".lstrip().replace('%', '%%'))
+                                     help=f"{docs.get(name, '')} {preset_defaults(name)}".lstrip().replace('%', '%%'))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,11 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                         usage="fastbyol train [--preset NAME] [--data DIR] [--val-data DIR] [--section.field VALUE ...]",
                         description="Pretrain with BYOL. Without --data, trains on the embedded synthetic "
                                     "texture set (written once to ~/.cache/fastbyol). Every config field can be "
-                                    "set as --section.field VALUE.",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                    "set as --section.field VALUE. Defaults depend on the preset: each field "
+                                    "shows the 'default' preset's value, then the presets where it differs.")
     tr.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                    help="named config (default: 'default' without --data, 'cifar10-resnet18' for CIFAR "
-                         "batches, 'imagenet-resnet50' for an image folder)")
+                    help="named config (without it: 'default' without --data, 'cifar10-resnet18' for CIFAR "
+                         "batches, 'imagenet-resnet50' for an image folder, even of small images: pass "
+                         "--preset default or cifar10-resnet18 for those)")
     tr.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     tr.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     add_config_arguments(tr)
@@ -177,10 +190,29 @@ def auto_preset(data: Optional[str]) -> str:
     return "cifar10-resnet18" if os.path.isdir(data) and is_cifar_dir(data) else "imagenet-resnet50"
 
 
+def preset_summary(cfg: Config) -> str:
+    m, t = cfg.model, cfg.train
+    return (f"{m.backbone}{' (CIFAR stem)' if m.cifar_stem else ''} at {cfg.augment.image_size} px, "
+            f"global batch {t.batch_size}, {t.epochs} epochs")
+
+
+def auto_preset_note(name: str, data: Optional[str]) -> str:
+    """The log line that says which preset ``--data`` chose, and how to choose another."""
+    why = {"default": "no --data: the embedded synthetic set", "cifar10-resnet18": f"CIFAR batches in --data {data}",
+           "imagenet-resnet50": f"--data {data} is an image folder"}[name]
+    note = f"preset {name} ({why}): {preset_summary(preset(name))}"
+    if name == "imagenet-resnet50":
+        note += ("; for small images or a small data set pass --preset default "
+                 f"({preset_summary(preset('default'))}) or --preset cifar10-resnet18")
+    return note
+
+
 def resolve_config(ns: argparse.Namespace) -> Config:
     overrides = {k: v for k, v in vars(ns).items() if "." in k}
-    cfg = preset(ns.preset or auto_preset(overrides.get("data.data")))
-    return apply_overrides(cfg, overrides).validate()
+    name = ns.preset or auto_preset(overrides.get("data.data"))
+    if ns.preset is None and os.environ.get("RANK", "0") == "0":
+        logging.getLogger("fastbyol").info(auto_preset_note(name, overrides.get("data.data")))
+    return apply_overrides(preset(name), overrides).validate()
 
 
 def cmd_train(ns: argparse.Namespace) -> int:

@@ -167,7 +167,9 @@ def test_help_documents_every_field(capsys, monkeypatch):
     assert e.value.code == 0
     assert "--optim.base_lr" in out and "global_batch / 256" in out and "--augment.view2.solarize_p" in out
     assert "Defaults depend on the preset" in " ".join(out.split())
-    batch = next(line for line in out.splitlines() if "--train.batch_size INT, --batch-size INT" in line)
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if "--train.batch_size INT, --batch-size INT" in line)
+    batch = " ".join(lines[at:at + 2])  # the help follows on the next line
     assert batch.endswith("(default: 64; cifar10-resnet18: 256, imagenet-resnet50: 4096, smoke: 16)"), batch
 
 

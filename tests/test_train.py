@@ -63,6 +63,7 @@ def test_export_loads_into_torchvision(tmp_path):
     sd = torch.load(tmp_path / "enc.pt")
     res = torchvision.models.resnet50().load_state_dict(sd, strict=False)
     assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and res.unexpected_keys == []
+    assert not os.path.exists(tmp_path / "enc.pt.json")  # no config in the checkpoint: no training record
 
 
 def test_cifar_batches_train(tmp_path):

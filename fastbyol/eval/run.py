@@ -82,9 +82,10 @@ def require_training_facts(ns, loaded: LoadedEncoder) -> None:
     if "preset" in vars(ns) and ns.preset is None:  # eval linear
         missing.append("--preset imagenet|cifar|default")
     if missing:
+        unknown = "image size and protocol are" if len(missing) > 1 else "image size is"
         raise FastByolError(f"{loaded.source} is a state_dict without a training record "
-                            f"({export_record_path(loaded.source)}, written by fastbyol export), so its image size"
-                            f"{' and protocol are' if len(missing) > 1 else ' is'} unknown: pass {' and '.join(missing)}")
+                            f"({export_record_path(loaded.source)}, written by fastbyol export), so its {unknown} "
+                            f"unknown: pass {' and '.join(missing)}")
 
 
 def _labelled(src: ImageSource, what: str, path: Optional[str]) -> None:
@@ -257,7 +258,8 @@ def run_linear(ns) -> Dict:
     classes = len(s.train.classes)
     say(f"linear probe ({MODE_NAMES[cfg.mode]}) of the {s.loaded.describe()}: {s.data['train']} "
         f"({len(s.train)} images) -> {s.data['val']} ({len(s.val)} images), {classes} classes, {s.size} px, "
-        f"preset {s.preset}, {cfg.epochs} epochs, batch {batch}{' (fitted to the data set)' if batch != cfg.batch_size else ''}, "
+        f"preset {s.preset}, {cfg.epochs} epochs, batch {batch}"
+        f"{' (fitted to the data set)' if batch != cfg.batch_size else ''}, "
         f"{cfg.schedule} schedule, lr {'grid ' if len(cfg.lrs) > 1 else ''}{','.join(map(str, cfg.lrs))}"
         f"{', standardised features' if cfg.standardize else ''}")
     t0 = time.perf_counter()

@@ -6,9 +6,10 @@ group and trains with the DeepSpeed engine (:mod:`fastbyol.engines`). The traine
 """
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from functools import partial
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as tdist
@@ -24,8 +25,34 @@ from .trainer import Trainer
 
 def run_training(cfg: Config) -> Optional[Dict]:
     """Train with DeepSpeed when asked to (``--deepspeed``) or launched on several ranks;
-    returns the summary on rank 0 (None elsewhere)."""
+    returns the summary on rank 0 (None elsewhere). A run that fails before writing anything
+    leaves no empty ``--out`` folder behind (the writability check creates it early)."""
     dist = dist_info_from_env()
+    missing = missing_folders(cfg.train.out) if dist.is_main else []
+    try:
+        return _run(cfg, dist)
+    except BaseException:
+        for folder in missing:  # deepest first; rmdir refuses a folder that holds anything
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        raise
+
+
+def missing_folders(path: str) -> List[str]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    out, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return out
+
+
+def _run(cfg: Config, dist: DistInfo) -> Optional[Dict]:
     if cfg.dist.deepspeed or dist.world_size > 1:
         return run_deepspeed(cfg, dist)
     if cfg.dist.zero_stage:

@@ -50,6 +50,19 @@ def build_model(cfg: Config, device: torch.device) -> BYOL:
     return model
 
 
+def batch_too_large(cfg: Config, images: int, data: str) -> str:
+    """The error for a global batch larger than the data set: the preset it came from, and the
+    presets whose batch would fit."""
+    from .config import PRESETS, preset
+
+    fits = [f"--preset {name} (batch {c.train.batch_size}, {c.augment.image_size} px, {c.model.backbone})"
+            for name, c in ((n, preset(n)) for n in PRESETS if n not in ("smoke", cfg.preset))
+            if c.train.batch_size <= images]
+    return (f"train.batch_size {cfg.train.batch_size} (preset {cfg.preset}) is larger than the data set "
+            f"({images} images in {data}): pass a smaller --batch-size"
+            + (f", or {' or '.join(fits)}" if fits else ""))
+
+
 class Trainer:
     """Owns one run. ``Trainer(cfg).fit()`` returns a summary dict.
 
@@ -69,11 +82,15 @@ class Trainer:
         self.device = resolve_device(t.device, self.dist)
         seed_everything(t.seed)
         self.train_src, self.val_src = self.sources()
+        if self.dist.is_main:
+            log.info(self.run_header())
+        if len(self.train_src) < t.batch_size:  # before the loader, which would say it without the preset
+            raise FastByolError(batch_too_large(cfg, len(self.train_src), self.data_description()))
         self.micro_batch = t.batch_size // (self.dist.world_size * cfg.dist.grad_accum)
         self.loader = self.train_loader()
         self.steps_per_epoch = len(self.loader) // cfg.dist.grad_accum
         if self.steps_per_epoch < 1:
-            raise FastByolError(f"batch size {t.batch_size} is larger than the data set ({len(self.train_src)} images)")
+            raise FastByolError(batch_too_large(cfg, len(self.train_src), self.data_description()))
         self.total_steps = t.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, t.max_steps or self.total_steps)
         self.peak_lr = scaled_lr(cfg.optim.base_lr, t.batch_size)
@@ -126,6 +143,21 @@ class Trainer:
 
     def tau_at(self, step: int) -> float:
         return tau_at(step, self.total_steps, self.cfg.optim.tau_base)
+
+    def data_description(self) -> str:
+        return self.cfg.data.data or "the embedded synthetic set"
+
+    def run_header(self) -> str:
+        """The first line of a run's log: what runs, where, on what."""
+        cfg, t = self.cfg, self.cfg.train
+        classes = getattr(self.train_src, "classes", None)
+        held = f"; kNN on {len(self.val_src)} images" if self.val_src is not None and t.knn_every else ""
+        return (f"train: preset {cfg.preset}, device {self.device}, world size {self.dist.world_size}, precision "
+                f"{t.precision}, {'DeepSpeed' if cfg.dist.deepspeed or self.dist.world_size > 1 else 'local'} "
+                f"engine; data {self.data_description()} ({len(self.train_src)} images"
+                f"{f', {len(classes)} classes' if classes and classes != ['.'] else ''}{held}); {cfg.model.backbone} "
+                f"at {cfg.augment.image_size} px, global batch {t.batch_size}, {t.epochs} epochs"
+                f"{f' (stop at step {t.max_steps})' if t.max_steps else ''}; out {t.out}")
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> Dict:

@@ -155,6 +155,7 @@ class BYOL(nn.Module):
         self.augment1, self.augment2 = augment_fn, augment_fn2 if augment_fn2 is not None else augment_fn
         self.default_views = TwoViews(default_augment_config(image_size))
         self._input_hw = None
+        self._target_reset = False  # reset, not yet re-copied by a training forward (byol-pytorch's lazy target)
 
     # ------------------------------------------------------------------ byol-pytorch's API
     @property
@@ -174,6 +175,7 @@ class BYOL(nn.Module):
                 if not return_projection:
                     return representation
                 return online.projector(representation), representation
+        self._copy_reset_target()
         v1, v2 = self.views(x)
         with self._size_errors(v1):
             return self.model(v1, v2).loss
@@ -189,6 +191,7 @@ class BYOL(nn.Module):
     def training_views(self, x: torch.Tensor, keys=None):
         """:meth:`views` after the input checks (the trainer's data path calls this)."""
         self._check_images(x)
+        self._copy_reset_target()
         return self.views(x, keys)
 
     @torch.no_grad()
@@ -198,14 +201,45 @@ class BYOL(nn.Module):
         if not self.use_momentum:
             raise ValueError("update_moving_average: there is no moving average with use_momentum=False "
                              "(the target is the online network)")
+        self._copy_reset_target()
         self.model.update_target(self.moving_average_decay, buffers="none", backend=self.kernels)
 
     @torch.no_grad()
     def reset_moving_average(self) -> None:
-        """The target becomes a copy of the online encoder and projector again."""
+        """The target becomes a copy of the online encoder and projector again: now, and once
+        more at the next training forward (byol-pytorch deletes its target and rebuilds it there,
+        from the online network as it is then; ``target_encoder`` is ``None`` until then)."""
         if self.model.target is not None:
-            self.model.target.encoder.load_state_dict(self.model.online.encoder.state_dict())
-            self.model.target.projector.load_state_dict(self.model.online.projector.state_dict())
+            self._copy_online_to_target()
+            self._target_reset = True
+
+    @property
+    def target_encoder(self) -> Optional[nn.Module]:
+        """The target encoder and projector (byol-pytorch's ``target_encoder``); ``None`` with
+        ``use_momentum=False``, and after a reset until the next training forward, as there."""
+        return None if self._target_reset else self.model.target
+
+    def __setattr__(self, name: str, value) -> None:
+        # byol-pytorch code resets the target with `learner.target_encoder = None` (its
+        # reset_moving_average does exactly that); nn.Module.__setattr__ would store the None
+        # (or register a module) beside the real target and change nothing.
+        if name == "target_encoder":
+            if value is not None:
+                raise ValueError("target_encoder can only be set to None (a reset: the target becomes a copy of "
+                                 f"the online network); got a {type(value).__name__}")
+            self.reset_moving_average()
+            return
+        super().__setattr__(name, value)
+
+    def _copy_online_to_target(self) -> None:
+        self.model.target.encoder.load_state_dict(self.model.online.encoder.state_dict())
+        self.model.target.projector.load_state_dict(self.model.online.projector.state_dict())
+
+    @torch.no_grad()
+    def _copy_reset_target(self) -> None:
+        if self._target_reset:
+            self._copy_online_to_target()
+            self._target_reset = False
 
     # ------------------------------------------------------------------ checks
     def _check_images(self, x) -> None:

@@ -35,6 +35,9 @@ class _DatasetTrainer(Trainer):
     def sources(self):
         return self.dataset, None
 
+    def data_description(self) -> str:
+        return f"a {type(self.dataset).__name__}"
+
     def train_loader(self):
         return DatasetTwoViewLoader(self.dataset, self.learner.training_views, self.micro_batch, self.device,
                                     self.cfg.train.seed, self.dist.rank, self.dist.world_size, self.cfg.data.workers)

@@ -102,6 +102,14 @@ def main():
     if results["dx"] or not results["y"]:
         raise SystemExit("the check did not catch a backward without its all-reduce")
     rank = tdist.get_rank()
+    # Eval without running statistics is local: rank 0 alone evaluates, on a batch of its own
+    # size; a collective there would leave it waiting for rank 1 (the test's timeout).
+    bn = SyncFreeBatchNorm(3, track_running_stats=False).eval()
+    if rank == 0:
+        x = torch.randn(5, 3, 2) * 2 + 1
+        want = torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        if not torch.allclose(bn(x), want, atol=1e-6):
+            raise SystemExit("eval without running statistics is not a local BatchNorm")
     tdist.barrier()
     tdist.destroy_process_group()
     print(f"rank {rank}: ok")

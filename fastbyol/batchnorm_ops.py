@@ -5,8 +5,9 @@ The primitives, as ``nn.SyncBatchNorm`` uses them (per channel c; ``n_r`` rank r
 
 * ``stats(x, eps) -> (mean, invstd)``: this rank's mean and ``1/sqrt(var + eps)`` (biased var);
 * ``gather_stats_with_counts(x, mean_all, invstd_all, running_mean, running_var, momentum, eps,
-  counts) -> (mean, invstd)``: every rank's ``[W, C]`` statistics combined (Chan's parallel
-  variance: no cancellation whatever the mean), running statistics lerped towards the global
+  counts) -> (mean, invstd)``: every rank's ``[W, C]`` statistics merged rank by rank (Chan's
+  parallel variance: no cancellation whatever the mean; a leading rank of count 0 gives 0/0,
+  so callers put empty ranks last), running statistics lerped towards the global
   mean and the unbiased global variance;
 * ``elemt(x, weight, bias, mean, invstd, eps) -> y = (x − mean)·invstd·weight + bias``;
 * ``backward_reduce(dy, x, mean, invstd, weight, need_input, need_weight, need_bias)
@@ -57,21 +58,23 @@ def stats_reference(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
 def gather_stats_with_counts_reference(x: Tensor, mean_all: Tensor, invstd_all: Tensor,
                                        running_mean: Optional[Tensor], running_var: Optional[Tensor],
                                        momentum: float, eps: float, counts: Tensor) -> Tuple[Tensor, Tensor]:
-    # Chan's combination, as sums in fp64: the global M2 is Σ(M2_r) + Σ n_r·(m_r − mean)²,
-    # every term non-negative, so nothing cancels.
-    n = counts.double().view(-1, 1)
-    m = mean_all.double()
-    m2_r = (1.0 / invstd_all.double() ** 2 - eps) * n
-    m2_r = torch.where(n > 0, m2_r, torch.zeros_like(m2_r))  # an empty rank contributes nothing
-    total = n.sum(0)
-    mean = (n * m).sum(0) / total
-    m2 = m2_r.sum(0) + (n * (m - mean) ** 2).sum(0)
-    out_dtype = mean_all.dtype
+    # The CUDA kernel's merge, rank by rank (Chan et al.: the centred M2 of each rank plus the
+    # spread of the means, nothing cancels), in fp64 here (the kernel: fp32). Like the kernel,
+    # a leading rank of count 0 gives 0/0 (callers order empty ranks last).
+    n = torch.zeros(mean_all.shape[1], dtype=torch.float64, device=mean_all.device)
+    avg, m2 = torch.zeros_like(n), torch.zeros_like(n)
+    for j in range(mean_all.shape[0]):
+        count, m = counts[j].double(), mean_all[j].double()
+        v = (1.0 / invstd_all[j].double() ** 2 - eps) * count
+        factor = 1.0 / (n + count)
+        m2 = m2 + v + (avg - m) ** 2 * n * count * factor
+        avg = n * factor * avg + count * factor * m
+        n = n + count
     if running_mean is not None:
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_mean.lerp_(avg.to(running_mean.dtype), momentum)
     if running_var is not None:
-        running_var.lerp_((m2 / (total - 1)).to(running_var.dtype), momentum)
-    return mean.to(out_dtype), torch.rsqrt(m2 / total + eps).to(out_dtype)
+        running_var.lerp_((m2 / (n - 1)).to(running_var.dtype), momentum)
+    return avg.to(mean_all.dtype), torch.rsqrt(m2 / n + eps).to(mean_all.dtype)
 
 
 def elemt_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor,

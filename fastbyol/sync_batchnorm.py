@@ -8,7 +8,8 @@ place of its all-gather, so it runs on any backend (NCCL, gloo) and is tested on
 
 * forward: ``stats`` gives this rank's (mean, invstd); each rank writes them and its count
   into its own row of a zeroed ``[W, 2C + 1]`` buffer, and one all-reduce (a sum of rows that
-  are zero but one) hands every rank every row; ``gather_stats_with_counts`` combines them
+  are zero but one) hands every rank every row; sorted by count (an empty rank last, without
+  ``nn.SyncBatchNorm``'s host-syncing mask), ``gather_stats_with_counts`` combines them
   (Chan's parallel variance: no cancellation, however far the mean lies from 0) and updates
   the running statistics (global mean, unbiased global variance, identical on every rank);
   ``elemt`` normalises;
@@ -43,6 +44,31 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _own_row(ops, x: torch.Tensor, eps: float, world: int, rank: int) -> torch.Tensor:
+    """``[W, 2C + 1]`` zeros but row ``rank``: this rank's (mean, invstd, count). Summed over
+    ranks (one all-reduce) it is every rank's row: an all-gather that tolerates any count."""
+    c = x.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = torch.zeros(world, 2 * c + 1, dtype=acc, device=x.device)
+    mine = rows[rank]
+    if x.numel():
+        mine[:c], mine[c:2 * c] = ops.stats(x, eps)
+        mine[2 * c:].fill_(x.numel() // c)  # a device fill: no upload, no sync
+    else:  # an empty shard: count 0, mean 0 and invstd 1 (finite: the combine multiplies it by 0)
+        mine[c:2 * c] = 1.0
+    return rows
+
+
+def _gathered(rows: torch.Tensor):
+    """(mean_all, invstd_all, counts) of every rank, empty ranks last. The fused combine is a
+    running Welford merge that divides by the count so far, so a leading empty rank would give
+    0/0; ``nn.SyncBatchNorm`` drops empty ranks with a boolean mask (a host sync), sorting by
+    count needs none."""
+    c = (rows.shape[1] - 1) // 2
+    rows = rows[torch.argsort(rows[:, 2 * c], descending=True, stable=True)]
+    return rows[:, :c], rows[:, c:2 * c], rows[:, 2 * c]
+
+
 class _SyncBatchNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps: float):
@@ -54,17 +80,9 @@ class _SyncBatchNormFn(torch.autograd.Function):
         # the mixed (low-precision data, fp32 parameters) path; gradients are cast back.
         wf = None if weight is None else weight.float()
         bf = None if bias is None else bias.float()
-        if x.numel():
-            mean, invstd = ops.stats(x, eps)
-        else:  # an empty shard: its row's count is 0, so the combine ignores it
-            mean = invstd = torch.zeros(c, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                                        device=x.device)
-        rows = torch.zeros(tdist.get_world_size(), 2 * c + 1, dtype=mean.dtype, device=x.device)
-        mine = rows[tdist.get_rank()]
-        mine[:c], mine[c:2 * c] = mean, invstd
-        mine[2 * c:].fill_(x.numel() // c)  # a device fill: no upload, no sync
-        rows = _all_reduce_sum(rows)
-        mean_all, invstd_all, counts = rows[:, :c], rows[:, c:2 * c], rows[:, 2 * c]
+        mean_all, invstd_all, counts = _gathered(_all_reduce_sum(_own_row(ops, x, eps, tdist.get_world_size(),
+                                                                          tdist.get_rank())))
+        mean = mean_all[0]  # (its dtype and device)
         if running_mean is not None and (isinstance(factor, torch.Tensor) or running_mean.dtype != mean.dtype):
             # momentum=None's 1/num_batches_tracked is a device tensor, and the kernel takes a
             # Python float (reading it would sync): the batch's statistics land in scratch
@@ -78,7 +96,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
         else:
             mean, invstd = ops.gather_stats_with_counts(x, mean_all, invstd_all, running_mean, running_var,
                                                         float(factor), eps, counts)
-        y = ops.elemt(x, wf, bf, mean, invstd, eps)
+        y = ops.elemt(x, wf, bf, mean, invstd, eps) if x.numel() else torch.empty_like(x)
         ctx.save_for_backward(x, weight, mean, invstd, counts.to(torch.int32))
         return y
 
@@ -91,13 +109,19 @@ class _SyncBatchNormFn(torch.autograd.Function):
             dy = dy.contiguous()
         wf = None if weight is None else weight.float()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        sum_dy, sum_dy_xmu, grad_w, grad_b = ops.backward_reduce(dy, x, mean, invstd, wf, need_x,
-                                                                 need_w and weight is not None,
-                                                                 need_b and weight is not None)
+        if x.numel():
+            sum_dy, sum_dy_xmu, grad_w, grad_b = ops.backward_reduce(dy, x, mean, invstd, wf, need_x,
+                                                                     need_w and weight is not None,
+                                                                     need_b and weight is not None)
+        else:  # an empty shard still joins the all-reduce, with zeros
+            sum_dy = sum_dy_xmu = torch.zeros_like(mean)
+            grad_w = torch.zeros_like(mean) if need_w and weight is not None else None
+            grad_b = torch.zeros_like(mean) if need_b and weight is not None else None
         grad_x = None
         if need_x:
             sums = _all_reduce_sum(torch.cat([sum_dy, sum_dy_xmu]))
-            grad_x = ops.backward_elemt(dy, x, mean, invstd, wf, sums[:c], sums[c:], counts)
+            grad_x = (ops.backward_elemt(dy, x, mean, invstd, wf, sums[:c], sums[c:], counts) if x.numel()
+                      else torch.zeros_like(x))
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:

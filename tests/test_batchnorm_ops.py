@@ -104,3 +104,21 @@ def test_native_kernels_equal_the_references(layout):
     for a, g in zip(cpu, gpu):
         for u, v in zip(a if isinstance(a, list) else [a], g if isinstance(g, list) else [g]):
             torch.testing.assert_close(v.cpu(), u, rtol=1e-5, atol=1e-5)
+
+
+def test_an_empty_rank_anywhere_is_ignored_without_a_mask():
+    """The synchronised forward's own row building and ordering (fastbyol.sync_batchnorm) on
+    three simulated ranks, the first one empty: the fused merge divides by the count so far,
+    so unordered rows give NaN; ordered by count they give the whole batch's statistics."""
+    from fastbyol.sync_batchnorm import _gathered, _own_row
+
+    x, _, xs, _ = _shards((11, 4, 3), [0, 5, 6], 7.0, seed=5)
+    rows = sum(_own_row(REFERENCE, s, EPS, 3, r) for r, s in enumerate(xs))  # the all-reduce
+    c = 4
+    unordered = REFERENCE.gather_stats_with_counts(x, rows[:, :c], rows[:, c:2 * c], None, None, 0.1, EPS,
+                                                   rows[:, 2 * c])
+    assert torch.isnan(unordered[0]).all()
+    mean, invstd = REFERENCE.gather_stats_with_counts(x, *_gathered(rows)[:2], None, None, 0.1, EPS, _gathered(rows)[2])
+    var, want = torch.var_mean(x.double(), dim=[0, 2], correction=0)
+    torch.testing.assert_close(mean.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(invstd.double(), torch.rsqrt(var + EPS), rtol=1e-5, atol=0)

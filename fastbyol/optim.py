@@ -15,8 +15,9 @@ computed with ``torch.where``), which is also the CPU path.
 
 The step consumes the gradients, as fused optimizers do: afterwards ``p.grad`` of an adapted
 tensor holds ``u = g + wd·w`` (reference) or ``g`` (kernels): unspecified. The reference
-computes ``u`` in place, and folding the trust ratio into the momentum update (``addcmul``), saves two gradient-sized temporaries per
-step (~40% of the step on CPU); the training loop zeroes the gradients right after anyway.
+computes ``u`` in place, and folding the trust ratio into the momentum update (``addcmul``)
+saves two gradient-sized temporaries per step (~40% of the step on CPU); the training loop
+zeroes the gradients right after anyway.
 """
 from __future__ import annotations
 
@@ -110,7 +111,8 @@ def _adamw(groups, lr, o, kernels):
 OPTIMIZERS = {"lars": _lars, "sgd": _sgd, "adamw": _adamw}
 
 
-def build_optimizer(params: Iterable | nn.Module, optim_cfg, lr: float, kernels: str = "torch") -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable | nn.Module, optim_cfg, lr: float,
+                    kernels: str = "torch") -> torch.optim.Optimizer:
     """The optimizer named by ``optim_cfg.optimizer`` over ``param_groups(model)``; ``kernels``
     (``train.kernels``): LARS's backend."""
     if optim_cfg.optimizer not in OPTIMIZERS:

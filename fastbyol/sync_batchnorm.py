@@ -75,7 +75,6 @@ class _SyncBatchNormFn(torch.autograd.Function):
         ops = ops_for(x)
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()
-        c = x.shape[1]
         # Parameters in the statistics' dtype (fp32): a bf16/fp16 model's kernels then take
         # the mixed (low-precision data, fp32 parameters) path; gradients are cast back.
         wf = None if weight is None else weight.float()

@@ -106,7 +106,8 @@ def lars_update_kernel(blk_tensor, blk_offset, numels, w_ptrs, g_ptrs, b_ptrs, s
     eta = _scalar(eta_hi, eta_lo, DTYPE)
     idx = tl.arange(0, BLOCK)
     if n == BLOCK:
-        w, b = _step(tl.load(w_p + idx), tl.load(g_p + idx), tl.load(b_p + idx), sq_ptr, t, lr, m, wd, eta, DTYPE, ADAPT)
+        w, b = _step(tl.load(w_p + idx), tl.load(g_p + idx), tl.load(b_p + idx), sq_ptr, t, lr, m, wd, eta,
+                     DTYPE, ADAPT)
         tl.store(b_p + idx, b)
         tl.store(w_p + idx, w)
     else:

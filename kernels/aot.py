@@ -38,7 +38,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .launches import EMA_BLOCK, Launch, ema_launch, lars_norms_launch, lars_update_launch, loss_bwd_launch, loss_fwd_launch
+from .launches import (EMA_BLOCK, Launch, ema_launch, lars_norms_launch, lars_update_launch, loss_bwd_launch,
+                       loss_fwd_launch)
 
 CAPABILITIES = (80, 90, 100)  # A100, H100/H200, B200
 MAX_REGISTERS = 128  # per thread: 8 warps x 128 = half of an SM's register file, >= 2 blocks resident

@@ -171,7 +171,8 @@ def cases(device: str, quick: bool) -> List[Tuple[str, Callable[[], None]]]:
     out.append(("ema_update_ bf16 stochastic rounding", lambda: check_ema_stochastic(device)))
     for dtype in (torch.float32, torch.float64):
         for n in ([2] if quick else [2, 13, 171]):
-            out.append((f"lars_step_ {str(dtype)[6:]} n={n}", lambda n=n, dtype=dtype: check_lars(n, dtype, device, seed=n)))
+            out.append((f"lars_step_ {str(dtype)[6:]} n={n}",
+                        lambda n=n, dtype=dtype: check_lars(n, dtype, device, seed=n)))
     return out
 
 

@@ -23,6 +23,10 @@ once per list of tensors and cached; the gradients' addresses (autograd allocate
 gradients after ``zero_grad(set_to_none=True)``) are an int64 array of one entry per tensor,
 rebuilt (pinned, non-blocking copy) only when they moved.
 
+The norms are summed with fp32 (fp64) atomics, one pair per block: the order, hence the last
+bit of a trust ratio, can differ from run to run on a GPU (as ``torch._foreach_norm``'s does
+not); a deterministic two-stage reduction would cost one more launch.
+
 After a step ``grads`` hold ``u`` (reference: computed in place) or ``g`` (kernel): unspecified.
 """
 from __future__ import annotations

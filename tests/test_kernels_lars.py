@@ -38,7 +38,8 @@ def _pair(dtype, backend_a="triton", backend_b="torch", seed=0):
     b.load_state_dict(a.state_dict())
     b.conv.weight.data = b.conv.weight.data.contiguous(memory_format=torch.channels_last)
     opts = [LARS(param_groups(m, HYPER["weight_decay"]), lr=HYPER["lr"], momentum=HYPER["momentum"],
-                 trust_coefficient=HYPER["trust_coefficient"], backend=be) for m, be in ((a, backend_a), (b, backend_b))]
+                 trust_coefficient=HYPER["trust_coefficient"], backend=be)
+            for m, be in ((a, backend_a), (b, backend_b))]
     return (a, b), opts
 
 

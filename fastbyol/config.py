@@ -109,7 +109,7 @@ class TrainConfig:
     knn_k: int = 200  # kNN monitor neighbours
     knn_t: float = 0.1  # kNN monitor temperature
     knn_max_train: int = 50000  # cap on the kNN feature bank
-    kernels: str = "auto"  # backend for loss/EMA: auto | triton | torch
+    kernels: str = "auto"  # backend for loss/EMA/LARS: auto | triton | torch
     compile: bool = False  # torch.compile the online/target networks
     channels_last: str = "auto"  # auto | on | off; auto: on for CUDA, on CPU only when the first feature map is >= 32 px
 

@@ -98,7 +98,7 @@ class Trainer:
 
         self.model = self.build_model()
         if engine_factory is None:
-            opt = build_optimizer(self.model.online, cfg.optim, self.peak_lr)
+            opt = build_optimizer(self.model.online, cfg.optim, self.peak_lr, t.kernels)
             self.engine = LocalEngine(self.model.online, opt, self.device, t.precision, cfg.dist.grad_accum, t.compile)
         else:
             self.engine = engine_factory(self.model, cfg, self.device, self.dist)

@@ -15,6 +15,9 @@ Contents:
   ``2 − 2·cos`` loss, one fused launch forward and one backward.
 - :func:`ema_update_` and :class:`ModuleEMA`: ``target ← m·target + (1 − m)·online`` over
   whole parameter lists in one pass, momentum as a float or a device tensor (fp32 or fp64).
+- :func:`lars_step_`: one LARS step of a parameter group (per-tensor norms in one launch, the
+  update in one more; 28 bytes per fp32 parameter), :func:`lars_step_reference_` its
+  ``_foreach`` reference (``fastbyol.optim.LARS`` runs either).
 - Drop-ins with the peers' signatures (``drop_in.py``): :func:`get_ema_multi_avg_fn` for
   ``torch.optim.swa_utils.AveragedModel``, :class:`ModelEmaV3` (timm's), :func:`update_momentum`
   (lightly's); :func:`unwrap` looks through DDP, DeepSpeed and ``torch.compile`` wrappers.
@@ -27,10 +30,11 @@ Examples:
     >>> fk.ModuleEMA(online, target).update(0.99)
 """
 from .ema import ema_update_, ema_update_reference_
+from .lars import lars_step_, lars_step_reference_
 from .loss import byol_loss, byol_loss_reference, normalized_l2_loss, normalized_l2_loss_reference
 from .module_ema import ModuleEMA, unwrap
 from .drop_in import ModelEmaV3, get_ema_multi_avg_fn, update_momentum
 
 __all__ = ["byol_loss", "normalized_l2_loss", "ema_update_", "ModuleEMA", "byol_loss_reference",
            "normalized_l2_loss_reference", "ema_update_reference_", "unwrap", "get_ema_multi_avg_fn",
-           "ModelEmaV3", "update_momentum"]
+           "ModelEmaV3", "update_momentum", "lars_step_", "lars_step_reference_"]

@@ -6,7 +6,10 @@ BatchNorm: neither).
   (a) per-parameter loop   — the lightly / solo-learn style: a Python loop over tensors, two
                              norms, a ``torch.where`` trust ratio and the momentum update each
   (b) fastbyol LARS        — ``fastbyol.optim.LARS``: ``torch._foreach_*`` over each group, all
-                             trust ratios as one tensor, no host sync
+                             trust ratios as one tensor, no host sync (``backend="torch"``)
+  (b') fastbyol LARS Triton — the same class with ``backend="triton"`` (GPU only): per-tensor
+                             norms in one launch, the update in one more per group; reads and
+                             writes exactly the floor's bytes (fastbyol_kernels/lars.py)
   (c) apex LARC + SGD      — NVIDIA's LARS wrapper, only when apex is installed (never required)
   context                  — ``torch.optim.SGD(foreach=True)`` with momentum: the same
                              traffic minus the norms' pass, i.e. what the trust ratio costs
@@ -52,7 +55,7 @@ def clone_setup(reference: torch.nn.Module, grads: List[torch.Tensor]):
     return net
 
 
-def builders() -> Dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
+def builders(gpu: bool = False) -> Dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
     def groups(net):
         return param_groups(net, WD)
 
@@ -63,8 +66,11 @@ def builders() -> Dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
     out = {
         "per-parameter loop (lightly, solo-learn)": lambda net: PerParameterLARS(groups(net), LR, MOMENTUM, WD, ETA),
         "fastbyol LARS (foreach, sync-free)": lambda net: LARS(groups(net), lr=LR, momentum=MOMENTUM,
-                                                                trust_coefficient=ETA),
+                                                                trust_coefficient=ETA, backend="torch"),
     }
+    if gpu:  # the kernels on CUDA (on CPU they would run interpreted: not a timing)
+        out["fastbyol LARS Triton (2 launches/group)"] = lambda net: LARS(
+            groups(net), lr=LR, momentum=MOMENTUM, trust_coefficient=ETA, backend="triton")
     try:  # optional: NVIDIA apex's LARC wrapping SGD (per-parameter loop inside)
         from apex.parallel.LARC import LARC
 
@@ -99,14 +105,14 @@ def main(argv=None) -> Dict:
 
     # Correctness: one step of each from identical state, compared with fastbyol's.
     first_step = {}
-    for name, build in builders().items():
+    for name, build in builders(gpu).items():
         net = clone_setup(reference, grads)
         build(net).step()
         first_step[name] = [p.detach().clone() for p in net.parameters()]
-    ours_name = next(n for n in first_step if n.startswith("fastbyol"))
+    ours_name = next(n for n in first_step if n.startswith("fastbyol LARS (foreach"))
 
     rows = []
-    for name, build in builders().items():
+    for name, build in builders(gpu).items():
         net = clone_setup(reference, grads)
         opt = build(net)
         t = time_fn(opt.step, device, repeats=repeats, warmup=3)["median_s"]

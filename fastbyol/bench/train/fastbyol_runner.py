@@ -136,7 +136,7 @@ def _engine_factory(optimizer: str, allreduce: bool):
         elif optimizer == "sgd":
             opt = torch.optim.SGD(model.online.parameters(), lr=0.06)
         else:
-            opt = build_optimizer(model.online, o, lr)
+            opt = build_optimizer(model.online, o, lr, cfg.train.kernels)
         engine = LocalEngine(model.online, opt, device, cfg.train.precision, cfg.dist.grad_accum, cfg.train.compile)
         return AllReduceEngine(engine) if allreduce else engine
 

@@ -250,7 +250,8 @@ def make_engine(model, cfg: Config, device: torch.device, dist: DistInfo, ds_con
     sync_bn = convert_sync_batchnorm(model, dist.world_size, cfg.dist.sync_bn)
     broadcast_module_state(model.online, model.target)
     optimizer = (optimizer_factory(model.online.parameters()) if optimizer_factory is not None else
-                 build_optimizer(model.online, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.train.batch_size)))
+                 build_optimizer(model.online, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.train.batch_size),
+                                 cfg.train.kernels))
     # DeepSpeed broadcasts the weights as raw bytes, which needs row-major tensors; ZeRO then
     # re-points them into its flat buffers. Stage 0 gets its layout back (the same layout
     # as a single-process run); under ZeRO the target follows the online network, so that

@@ -40,6 +40,8 @@ class PartContext:
     cache: Optional[str]
     deadline: float  # perf_counter time past which a part starts nothing new
     save_path: Optional[str] = None
+    loader: Dict = dataclasses.field(default_factory=dict)  # loader_budget() of the part's last context
+    timed_steps: int = 0  # sustained_steps() of the part's last context
 
     def log(self, msg: str) -> None:
         print(msg, flush=True)

@@ -57,6 +57,7 @@ def test_tiny_records_every_part_and_times_the_trainers_step(tmp_path, monkeypat
         assert p["status"] == "ok" or (p["status"].startswith("skipped: ") and len(p["status"]) > 12), (name, p)
     assert parts["kernels"]["status"] == "ok" and parts["kernels"]["failed"] == 0
     assert parts["syncs"]["status"].startswith("skipped: ")  # CUDA only
+    assert parts["finite"]["status"] == "ok" and parts["finite"]["failed"] == 0 and len(parts["finite"]["rows"]) == 8
     # The fastbyol rows are the product's step: one Trainer.train_micro_batch call per step they report.
     e2e = {r["mode"]: r for r in parts["e2e-r50"]["rows"]}
     for mode in ("fastbyol", "fastbyol-synthetic", "fastbyol-loader", "lightly-style", "lightly-style-synthetic",
@@ -216,3 +217,17 @@ def test_loader_workers_shrink_to_what_dev_shm_holds(tmp_path):
     assert huge["workers"] == 0 and "16 -> 0" in huge["note"] and huge["shm_free_mib"] > 0
     assert loader_budget(0, 4, batch, shm=str(tmp_path))["note"] is None
     assert sustained_steps(15, 16, 4) == 192 and sustained_steps(15, 0, 4) == 15
+
+
+def test_the_finite_part_fails_a_guard_that_misses(monkeypatch):
+    """An L2-norm guard (overflows on a huge finite value) is caught by part g."""
+    import types
+
+    from fastbyol.bench.gpucheck import finite_check
+
+    monkeypatch.setattr(finite_check, "nonfinite_flag",
+                        lambda named: ~torch.isfinite(torch.stack([t.float().norm() for _, t in named])).all())
+    pc = types.SimpleNamespace(device=torch.device("cpu"), settings=types.SimpleNamespace(tiny=True),
+                               save=lambda partial: None)
+    res = finite_check.part_finite(pc)
+    assert res["failed"] == 2 and {r["injected"] for r in res["rows"] if r["result"] == "FAIL"} == {"huge finite"}

@@ -43,19 +43,19 @@ def _venv() -> str:
 
 def test_gpu_check_tiny_passes_with_the_gpu_machines_versions(tmp_path):
     python = _venv()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET", "VIRTUAL_ENV")}
     got = json.loads(subprocess.run(
         [python, "-c", "import json, torch, torchvision, triton, numpy; print(json.dumps({m.__name__: m.__version__ "
-         "for m in (torch, torchvision, triton, numpy)}))"], capture_output=True, text=True, check=True).stdout)
+         "for m in (torch, torchvision, triton, numpy)}))"], env=env, capture_output=True, text=True, check=True).stdout)
     for name, prefix in VERSIONS.items():
         assert got[name].startswith(prefix), got
     for absent in ("fastbyol", "nvidia.dali", "deepspeed"):  # the machine has none of them installed
-        probe = subprocess.run([python, "-c", f"import {absent}"], cwd=str(tmp_path), capture_output=True)
+        probe = subprocess.run([python, "-c", f"import {absent}"], cwd=str(tmp_path), env=env, capture_output=True)
         assert probe.returncode != 0, f"{absent} is importable in the rehearsal venv"
     copy = tmp_path / "checkout"
     for d in ("fastbyol", "kernels", "benchmarks"):
         if os.path.isdir(os.path.join(ROOT, d)):
             shutil.copytree(os.path.join(ROOT, d), copy / d, ignore=shutil.ignore_patterns("results", "__pycache__"))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET", "VIRTUAL_ENV")}
     res = subprocess.run([python, "-m", "fastbyol", "gpu-check", "--tiny", "--out", str(tmp_path / "out"),
                           "--cache", str(tmp_path / "cache")], cwd=copy, env=env, capture_output=True, text=True,
                          timeout=1500)

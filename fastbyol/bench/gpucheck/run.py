@@ -23,7 +23,7 @@ from fastbyol._checkout import checkout_root
 from fastbyol.bench.common import results_dir
 from fastbyol.errors import FastByolError
 
-from . import micro, train
+from . import finite_check, micro, train
 from .report import markdown, plot, stamp
 from .settings import PART_NAMES, PARTS, PartSkip, settings
 
@@ -54,7 +54,7 @@ class PartContext:
 
 FUNCS = {"kernels": micro.part_kernels, "micro": micro.part_micro, "e2e-r50": lambda pc: train.part_e2e(pc, "e2e-r50"),
          "e2e-cifar": lambda pc: train.part_e2e(pc, "e2e-cifar"), "syncs": train.part_syncs,
-         "e2e-r50-compile": train.part_compile, "dali": train.part_dali}
+         "e2e-r50-compile": train.part_compile, "dali": train.part_dali, "finite": finite_check.part_finite}
 
 
 def _write(path: str, obj: Dict) -> None:

@@ -19,7 +19,7 @@ from .settings import PartSkip
 from .targets import target
 
 # Per loop: compute alone (pre-made views), the loader alone (decode + augment, no model), end to end.
-E2E_MODES = ["fastbyol-synthetic", "fastbyol-loader", "fastbyol", "lightly-style-synthetic", "lightly-style-loader",
+E2E_MODES = ["fastbyol-synthetic", "fastbyol-synthetic-nchw", "fastbyol-loader", "fastbyol", "lightly-style-synthetic", "lightly-style-loader",
              "lightly-style", "lightly-synthetic", "lightly-loader", "lightly"]
 COMPILE_MODES = ["fastbyol-synthetic-compile", "fastbyol-compile"]
 
@@ -204,6 +204,10 @@ def lightly_style_ratios(parts: Dict) -> Dict:
         got = {r["mode"]: r for r in c.get("rows", []) if r["status"] == "ok"}
         for ours, theirs, what in (("fastbyol", "lightly-style", "end to end (each its own loader)"),
                                    ("fastbyol-synthetic", "lightly-style-synthetic", "compute only (pre-made views)"),
+                                   # Same precision (the lightly-style loop runs under the same autocast);
+                                   # this row takes fastbyol's channels_last out of the compute ratio.
+                                   ("fastbyol-synthetic-nchw", "lightly-style-synthetic",
+                                    "compute only, both NCHW (without fastbyol's channels_last)"),
                                    ("fastbyol", "lightly", "end to end, the lightly package itself")):
             if ours in got and theirs in got:
                 rows.append({"config": got[ours]["config"], "what": what, "fastbyol mode": ours,

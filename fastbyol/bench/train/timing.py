@@ -45,6 +45,8 @@ def build_runner(mode: str, ctx: Context, full_loader: str) -> Runner:
         return FastByolRunner(ctx, loader=full_loader, compile=compile)
     if base == "fastbyol-synthetic":
         return FastByolRunner(ctx, loader="synthetic", compile=compile)
+    if mode == "fastbyol-synthetic-nchw":  # channels_last off: the layout's share of the compute ratio
+        return FastByolRunner(ctx, loader="synthetic", channels_last="off")
     if mode == "fastbyol-synthetic-sgd":
         return FastByolRunner(ctx, loader="synthetic", lars="sgd")
     if mode == "lightly":

@@ -231,3 +231,13 @@ def test_the_finite_part_fails_a_guard_that_misses(monkeypatch):
                                save=lambda partial: None)
     res = finite_check.part_finite(pc)
     assert res["failed"] == 2 and {r["injected"] for r in res["rows"] if r["result"] == "FAIL"} == {"huge finite"}
+
+
+def test_sustained_score_is_images_over_the_windows_wall_clock():
+    """Three fast steps on prefetched batches and one slow one: the median says 100 img/s, the
+    window's wall clock (what the loader sustains) 40 / 1.3 s."""
+    from fastbyol.bench.train.timing import summarise
+
+    r = summarise([0.1, 0.1, 0.1, 1.0], [1.3], 10, score="wall")
+    assert r["img_s"] == pytest.approx(40 / 1.3) and r["img_s_median"] == pytest.approx(100)
+    assert summarise([0.1, 0.1, 0.1, 1.0], [1.3], 10)["img_s"] == pytest.approx(100)  # fastbyol bench's default

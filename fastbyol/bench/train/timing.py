@@ -36,9 +36,12 @@ class LoaderOnly(Runner):
         self.runner.close()
 
 
+LOADER_ONLY = {f"{loop}-loader": loop for loop in ("fastbyol", "lightly-style", "lightly")}
+
+
 def build_runner(mode: str, ctx: Context, full_loader: str) -> Runner:
-    if mode.endswith("-loader"):
-        return LoaderOnly(build_runner(mode[: -len("-loader")], ctx, full_loader))
+    if mode in LOADER_ONLY:
+        return LoaderOnly(build_runner(LOADER_ONLY[mode], ctx, full_loader))
     compile = mode.endswith("-compile")
     base = mode[: -len("-compile")] if compile else mode
     if base == "fastbyol":

@@ -121,6 +121,7 @@ class DistConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage (1-2 refused with LARS)
     grad_accum: int = 1  # micro-batches per optimizer step
     sync_bn: bool = True  # SyncBatchNorm when world size > 1 (as the paper)
+    reduce_dtype: str = "fp32"  # DeepSpeed gradient all-reduce: fp32 (as a local run) | bf16 (half the bytes, bf16-rounded gradients into LARS)
     timeout_minutes: float = 30.0  # process-group timeout for every collective (torch's NCCL default: 10)
 
 
@@ -375,6 +376,9 @@ def validate(cfg: Config) -> None:
     _check(t.channels_last in ("auto", "on", "off"), "train.channels_last", "must be auto, on or off")
     _check(s.zero_stage in (0, 1, 2), "dist.zero_stage", "must be 0, 1 or 2")
     _check(s.grad_accum >= 1, "dist.grad_accum", "must be >= 1")
+    _check(s.reduce_dtype in ("fp32", "bf16"), "dist.reduce_dtype", "must be fp32 or bf16")
+    _check(s.reduce_dtype == "fp32" or t.precision == "bf16", "dist.reduce_dtype",
+           "bf16 needs --train.precision bf16")
     _check(s.timeout_minutes > 0, "dist.timeout_minutes", "must be > 0")
 
 

@@ -112,7 +112,8 @@ class DaliTwoViewLoader:
 
     def __init__(self, source: ImageSource, aug: AugmentConfig, batch_size: int, device: torch.device,
                  seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 2,
-                 channels_last: bool = False, out_dtype: torch.dtype = torch.float32):
+                 channels_last: bool = False, out_dtype: torch.dtype = torch.float32,
+                 jpeg_fancy_upsampling: bool = True):
         import_dali()
         if len(source) < batch_size * world_size:
             raise FastByolError(
@@ -123,6 +124,7 @@ class DaliTwoViewLoader:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.seed, self.rank, self.world_size, self.workers = seed, rank, world_size, workers
         self.channels_last, self.out_dtype = channels_last, out_dtype
+        self.jpeg_fancy_upsampling = jpeg_fancy_upsampling  # see byol_two_view_pipeline
         self.feeder = TwoViewFeeder(source, aug, batch_size, seed, rank, world_size)
         self.feeder.on_bad = self._note_bad
         self.epoch, self.start_step = 0, 0
@@ -150,7 +152,7 @@ class DaliTwoViewLoader:
             device_id=self.device.index if self.device.type == "cuda" else None,
             num_threads=self.workers if self.workers > 0 else cores_per_rank(),
             seed=self.seed * 1_000_003 + self.rank, fp16=self.out_dtype == torch.float16,
-            channels_last=self.channels_last)
+            channels_last=self.channels_last, jpeg_fancy_upsampling=self.jpeg_fancy_upsampling)
         # No reader and no size: the feeder ends the epoch (full batches only, the DROP policy)
         # by raising StopIteration; DALI's own last-batch policies do not apply.
         return DALIGenericIterator([pipe], ["view1", "view2", "labels"], prepare_first_batch=False)

@@ -78,7 +78,8 @@ def _clamp255(x):
 
 def byol_two_view_pipeline(source: Callable, aug: AugmentConfig, batch_size: int, *, encoded: bool,
                            device_id: Optional[int] = None, num_threads: int = 2, seed: int = 0,
-                           fp16: bool = False, channels_last: bool = False, prefetch_queue_depth: int = 2):
+                           fp16: bool = False, channels_last: bool = False, prefetch_queue_depth: int = 2,
+                           jpeg_fancy_upsampling: bool = True):
     """Build the two-view DALI pipeline.
 
     Args:
@@ -90,6 +91,9 @@ def byol_two_view_pipeline(source: Callable, aug: AugmentConfig, batch_size: int
         device_id: CUDA device for GPU mode; ``None`` runs everything on DALI's CPU backend.
         fp16: float16 output instead of float32.
         channels_last: HWC output (a channels-last NCHW tensor once permuted) instead of CHW.
+        jpeg_fancy_upsampling: the CPU decoder's (and PIL's) chroma upsampling, so DALI's pixels
+            match the torch path's; False may let nvJPEG use the hardware decoder (A100, H100,
+            H200), ``gpu-check`` part f measures both.
 
     Returns:
         A built ``nvidia.dali.Pipeline`` with outputs ``(view1, view2, labels)``.
@@ -112,7 +116,7 @@ def byol_two_view_pipeline(source: Callable, aug: AugmentConfig, batch_size: int
                          preallocate_width_hint=5980, preallocate_height_hint=6430) if dev == "gpu" else {}
             images = fn.decoders.image(images, device="mixed" if dev == "gpu" else "cpu", output_type=types.RGB,
                                        adjust_orientation=False,  # PIL (the torch path) ignores EXIF too
-                                       jpeg_fancy_upsampling=True,  # the CPU decoder's (and PIL's) chroma
+                                       jpeg_fancy_upsampling=jpeg_fancy_upsampling,
                                        **hints)
         else:
             images = fn.reshape(images, layout="HWC")

@@ -41,7 +41,8 @@ def _finish(ds: Dict[str, Any], cfg: Config, source: str) -> Dict[str, Any]:
         raise FastByolError(f"{source}: fp16 loss scaling is supported without ZeRO only; use "
                             "--train.precision bf16 with ZeRO, or --dist.zero_stage 0")
     if cfg.train.precision != "fp32":
-        ds.setdefault("torch_autocast", {"enabled": True, "dtype": AUTOCAST_DTYPES[cfg.train.precision]})
+        autocast = ds.setdefault("torch_autocast", {"enabled": True, "dtype": AUTOCAST_DTYPES[cfg.train.precision]})
+        _reduce_dtype(ds, autocast, cfg, stage, source)
     if stage > 0:
         ds.setdefault("zero_allow_untested_optimizer", True)  # a client optimizer, checked above
     ds.setdefault("gradient_clipping", 0.0)
@@ -51,6 +52,30 @@ def _finish(ds: Dict[str, Any], cfg: Config, source: str) -> Dict[str, Any]:
     ds.setdefault("timers", {"throughput": {"enabled": False, "synchronized": False}})
     ds.setdefault("flops_profiler", {"enabled": False})
     return ds
+
+
+def _reduce_dtype(ds: Dict[str, Any], autocast: Dict[str, Any], cfg: Config, stage: int, source: str) -> None:
+    """Gradients all-reduced in fp32 unless ``dist.reduce_dtype`` is bf16.
+
+    Without ``lower_precision_safe_modules`` DeepSpeed's torch_autocast tags every Linear and
+    Conv parameter with ``comm_dtype`` = the autocast dtype, and ZeRO 1-2 then reduce those
+    gradients in bf16: LARS trust ratios would come from bf16-rounded averages, unlike a local
+    run (fp32 gradients). An empty list tags nothing. ZeRO 0 ignores the tags and reduces in
+    ``communication_data_type`` (fp32 unless DeepSpeed's own bf16 mode is on), so bf16 there
+    is asked for through that key.
+    """
+    safe = autocast.get("lower_precision_safe_modules")
+    if cfg.dist.reduce_dtype == "fp32":
+        if safe:
+            raise FastByolError(f"{source}: torch_autocast.lower_precision_safe_modules reduces those modules' "
+                                "gradients in bf16; remove it, or pass --dist.reduce_dtype bf16")
+        autocast["lower_precision_safe_modules"] = []
+        comm = str(ds.get("communication_data_type", "fp32")).lower()
+        if comm != "fp32":
+            raise FastByolError(f"{source}: communication_data_type {comm!r} disagrees with --dist.reduce_dtype fp32")
+    elif stage == 0:
+        ds.setdefault("communication_data_type", "bf16")
+    # else ZeRO 1-2 with reduce_dtype bf16: DeepSpeed's default tags (Linear, Conv*) or the user's list
 
 
 def generated_config(cfg: Config, world: int) -> Dict[str, Any]:

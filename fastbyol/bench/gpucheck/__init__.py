@@ -5,8 +5,12 @@ Parts, each with its own time cap (``settings.PARTS``), each in its own process:
   a. kernels          the compiled Triton kernels against float64 (fastbyol_kernels.check)
   b. micro            EMA, loss, LARS against their byte floors and eager / _foreach baselines
                       (fastbyol.bench.ema, .loss, .lars)
-  c. e2e-r50          ResNet-50 @224, bf16, channels_last: synthetic on-device views (the ceiling),
-                      then the torch loader with on-GPU augmentation on generated JPEGs;
+  c. e2e-r50          ResNet-50 @224, bf16, channels_last, per loop (fastbyol, lightly-style, lightly):
+                      compute alone on pre-made views (-synthetic), the loader alone (-loader: decode +
+                      augment, no model) and end to end on generated JPEGs, each scored as images over
+                      the wall clock of a sustained window (>= 3 x workers x prefetch steps after
+                      warm-up; workers shrunk to what /dev/shm holds, said in the record); plus
+                      fastbyol's compute in NCHW (-synthetic-nchw: channels_last's share);
      e2e-cifar        the same for ResNet-18 CIFAR @32;
      e2e-r50-compile  ResNet-50 with --train.compile; peak memory for every row. The fastbyol rows
                       time Trainer.train_micro_batch of a real Trainer (fastbyol.bench.train)

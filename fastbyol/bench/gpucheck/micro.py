@@ -43,16 +43,19 @@ def part_micro(pc) -> Dict:
     argv = (["--cpu", "--repeats", "2"] if tiny else []) + ["--out", out_dir]
     na = "a tiny CPU run (the floors are GPU targets)" if tiny else None
     rows, targets, errors = [], [], []
-    for name, bench in (("ema", bench_ema), ("loss", bench_loss), ("lars", bench_lars)):
+    # The loss also at the batch training runs per GPU (256; 16 in a tiny run), not only at 4096.
+    train_batch = ["--batch", "16" if tiny else "256"]
+    for name, bench, extra in (("ema", bench_ema, []), ("loss", bench_loss, []), ("lars", bench_lars, []),
+                               ("loss@train-batch", bench_loss, train_batch)):
         pc.log(f"[micro] {name}")
         try:
-            res = bench.main(list(argv))
+            res = bench.main(list(argv) + extra)
         except Exception as e:  # one benchmark failing leaves the other two
             traceback.print_exc()
             errors.append(f"{name}: {type(e).__name__}: {e}")
             continue
         for r in res["rows"]:
-            rows.append({"benchmark": name, "dtype": r.get("dtype", "float32"), "mode": r.get("mode", ""),
+            rows.append({"benchmark": name, "batch": res.get("B"), "dtype": r.get("dtype", "float32"), "mode": r.get("mode", ""),
                          "method": r["method"], "time_us": r["time_us"], "x_floor": r.get("x_floor"),
                          "ours_speedup": r.get("ours_speedup"), "max_abs_diff": r.get("max_abs_diff")})
         if name == "ema":
@@ -72,13 +75,13 @@ def part_micro(pc) -> Dict:
             eager = _row(res["rows"], method="eager", dtype="float32", mode="launched")
             targets.append(target("loss float32 speed-up over eager PyTorch", eager and eager.get("ours_speedup"),
                                   S.LOSS_VS_EAGER, True, "x", na))
-        else:
+        elif name == "lars":
             # The Triton kernel pair where it ran (GPU), else the foreach LARS.
             ours = _row(res["rows"], method="fastbyol LARS Triton") or _row(res["rows"], method="fastbyol")
             targets.append(target("LARS step / byte floor", ours and ours["x_floor"], S.LARS_X_FLOOR, False, "x", na))
     out = {"rows": rows, "targets": targets}
     if errors:
         out["errors"] = errors
-        if len(errors) == 3:
+        if len(errors) == 4:
             raise RuntimeError("; ".join(errors))
     return out

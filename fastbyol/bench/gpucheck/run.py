@@ -23,7 +23,7 @@ from fastbyol._checkout import checkout_root
 from fastbyol.bench.common import results_dir
 from fastbyol.errors import FastByolError
 
-from . import micro, train
+from . import finite_check, micro, train
 from .report import markdown, plot, stamp
 from .settings import PART_NAMES, PARTS, PartSkip, settings
 
@@ -40,6 +40,8 @@ class PartContext:
     cache: Optional[str]
     deadline: float  # perf_counter time past which a part starts nothing new
     save_path: Optional[str] = None
+    loader: Dict = dataclasses.field(default_factory=dict)  # loader_budget() of the part's last context
+    timed_steps: int = 0  # sustained_steps() of the part's last context
 
     def log(self, msg: str) -> None:
         print(msg, flush=True)
@@ -52,7 +54,7 @@ class PartContext:
 
 FUNCS = {"kernels": micro.part_kernels, "micro": micro.part_micro, "e2e-r50": lambda pc: train.part_e2e(pc, "e2e-r50"),
          "e2e-cifar": lambda pc: train.part_e2e(pc, "e2e-cifar"), "syncs": train.part_syncs,
-         "e2e-r50-compile": train.part_compile, "dali": train.part_dali}
+         "e2e-r50-compile": train.part_compile, "dali": train.part_dali, "finite": finite_check.part_finite}
 
 
 def _write(path: str, obj: Dict) -> None:
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", default=",".join(PART_NAMES), help="comma list of part names or letters (default: all)")
     p.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--cache", default=None, help="where generated images are kept (~/.cache/fastbyol/bench)")
-    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (GPU 450, tiny 600)")
+    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (GPU 1200, tiny 600)")
     p.add_argument("--in-process", action="store_true", help="run the parts in this process (soft caps)")
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)  # a child: run one part
     p.add_argument("--part-out", default=None, help=argparse.SUPPRESS)

@@ -18,7 +18,9 @@ from . import settings as S
 from .settings import PartSkip
 from .targets import target
 
-E2E_MODES = ["fastbyol-synthetic", "fastbyol", "lightly-style-synthetic", "lightly-style", "lightly"]
+# Per loop: compute alone (pre-made views), the loader alone (decode + augment, no model), end to end.
+E2E_MODES = ["fastbyol-synthetic", "fastbyol-synthetic-nchw", "fastbyol-loader", "fastbyol", "lightly-style-synthetic", "lightly-style-loader",
+             "lightly-style", "lightly-synthetic", "lightly-loader", "lightly"]
 COMPILE_MODES = ["fastbyol-synthetic-compile", "fastbyol-compile"]
 
 
@@ -27,11 +29,20 @@ def _context(pc, part: str, extra_steps: int = 0) -> Context:
     name = s.configs[part]
     cfg, batch = bench_configs()[name], s.batch[name]
     # The trainer holds out a tenth for kNN; no timed segment may cross an epoch.
-    n = int(batch * (s.warmup + s.steps + extra_steps + 1) / 0.9) + 1
-    pc.log(f"[{part}] {name}: batch {batch}, {n} generated images ({cfg.source})")
+    # The largest batch any mode's loader hands over: the lightly-style loop's two float32 views.
+    budget = S.loader_budget(s.workers, s.prefetch, batch * 2 * 3 * cfg.image_size ** 2 * 4)
+    pc.loader = budget
+    if budget["note"]:
+        pc.log(f"[{part}] {budget['note']}")
+    steps = S.sustained_steps(s.steps, budget["workers"], s.prefetch)
+    n = int(batch * (s.warmup + steps + extra_steps + 1) / 0.9) + 1
+    pc.log(f"[{part}] {name}: batch {batch}, {n} generated images ({cfg.source}), {budget['workers']} workers, "
+           f"{steps} timed steps")
     source = build_source(cfg, n, None, pc.cache)
-    return Context(cfg, pc.device, batch, s.precision, s.workers, s.kernels, source, seed=0,
-                   no_dali_reason="gpu-check: part c times the torch loader, part f DALI")
+    ctx = Context(cfg, pc.device, batch, s.precision, budget["workers"], s.kernels, source, seed=0,
+                  no_dali_reason="gpu-check: part c times the torch loader, part f DALI")
+    pc.timed_steps = steps
+    return ctx
 
 
 def _rows(acc: Dict, modes: List[str], ctx: Context, warmup: int) -> List[Dict]:
@@ -42,7 +53,7 @@ def _rows(acc: Dict, modes: List[str], ctx: Context, warmup: int) -> List[Dict]:
         if "skipped" in a:
             row["status"] = a["skipped"]
         else:
-            row.update(status="ok", **summarise(a["times"], a["walls"], ctx.batch), peak_mem_gib=a["peak"],
+            row.update(status="ok", **summarise(a["times"], a["walls"], ctx.batch, score="wall"), peak_mem_gib=a["peak"],
                        details=a["details"])
         rows.append(row)
     return rows
@@ -52,10 +63,10 @@ def _measure(pc, part: str, modes: List[str], warmup: int) -> Dict:
     ctx = _context(pc, part, extra_steps=max(0, warmup - pc.settings.warmup))
     rows: List[Dict] = []
     for m in modes:  # one mode at a time, so a cap or a crash keeps the rows before it
-        acc = measure([m], ctx, "torch", warmup, pc.settings.steps, 1, log=pc.log, deadline=pc.deadline)
+        acc = measure([m], ctx, "torch", warmup, pc.timed_steps, 1, log=pc.log, deadline=pc.deadline)
         rows += _rows(acc, [m], ctx, warmup)
         _vs_ceiling(rows)
-        pc.save({"rows": rows})
+        pc.save({"rows": rows, "loader": pc.loader})
     return {"rows": rows, "ctx": ctx}
 
 
@@ -68,6 +79,19 @@ def _vs_ceiling(rows: List[Dict]) -> None:
             r["vs_ceiling"] = r["img_s"] / by[base]["img_s"]
 
 
+def _binds(rows: List[Dict]) -> Dict[str, str]:
+    """Per loop: which of loader and compute is the slower, i.e. binds end to end."""
+    by = {r["mode"]: r for r in rows if r["status"] == "ok"}
+    out = {}
+    for loop in ("fastbyol", "lightly-style", "lightly"):
+        load, comp = by.get(f"{loop}-loader"), by.get(f"{loop}-synthetic")
+        if load and comp:
+            out[loop] = (f"loader ({load['img_s']:.0f} img/s alone < compute {comp['img_s']:.0f})"
+                         if load["img_s"] < comp["img_s"] else
+                         f"compute ({comp['img_s']:.0f} img/s alone <= loader {load['img_s']:.0f})")
+    return out
+
+
 def _get(rows: List[Dict], mode: str):
     return next((r for r in rows if r["mode"] == mode and r["status"] == "ok"), None)
 
@@ -75,7 +99,10 @@ def _get(rows: List[Dict], mode: str):
 def part_e2e(pc, part: str) -> Dict:
     res = _measure(pc, part, E2E_MODES, pc.settings.warmup)
     rows = res["rows"]
-    out = {"rows": rows, "targets": []}
+    out = {"rows": rows, "targets": [], "loader": pc.loader, "binds": _binds(rows),
+           "notes": ["img_s: images over the wall clock of the sustained timed window (img_s_median: the median "
+                     "step's rate); -synthetic: compute alone on pre-made views; -loader: decode + augment alone, "
+                     "no model"] + ([pc.loader["note"]] if pc.loader.get("note") else [])}
     if part == "e2e-r50":
         na = "a tiny CPU run (the targets are for ResNet-50 on one H100)" if pc.settings.tiny else None
         full = _get(rows, "fastbyol")
@@ -149,12 +176,17 @@ def part_dali(pc) -> Dict:
     ctx = _context(pc, "dali")
     s, na = pc.settings, ("DALI's CPU backend in a tiny run" if pc.settings.tiny else None)
     batches = max(1, min(20, len(ctx.source) // ctx.batch - 2))
-    pipe = images_per_second(lambda: DaliTwoViewLoader(ctx.source, ctx.cfg.augment, ctx.batch, ctx.device,
-                                                       workers=max(2, s.workers)), ctx.batch, batches, 2, ctx.device)
-    rows = [{"config": ctx.cfg.name, "batch": ctx.batch, "mode": "DaliTwoViewLoader alone (both views)",
-             "status": "ok", "img_s": pipe["images_per_s"], "timed_steps": batches}]
-    pc.save({"rows": rows})
-    acc = measure(["fastbyol"], ctx, "dali", s.warmup, s.steps, 1, log=pc.log, deadline=pc.deadline)
+    rows = []
+    for fancy in (True, False):  # False may let nvJPEG use the hardware JPEG decoder
+        got = images_per_second(lambda: DaliTwoViewLoader(ctx.source, ctx.cfg.augment, ctx.batch, ctx.device,
+                                                          workers=max(2, ctx.workers), jpeg_fancy_upsampling=fancy),
+                                ctx.batch, batches, 2, ctx.device)
+        rows.append({"config": ctx.cfg.name, "batch": ctx.batch, "status": "ok", "img_s": got["images_per_s"],
+                     "mode": f"DaliTwoViewLoader alone (both views), jpeg_fancy_upsampling={fancy}",
+                     "timed_steps": batches})
+        pc.save({"rows": rows})
+    pipe = {"images_per_s": rows[0]["img_s"]}  # the default (fancy: the torch path's pixels) is the target
+    acc = measure(["fastbyol"], ctx, "dali", s.warmup, pc.timed_steps, 1, log=pc.log, deadline=pc.deadline)
     e2e = _rows(acc, ["fastbyol"], ctx, s.warmup)[0]
     e2e["mode"] = "fastbyol (DALI loader)"
     rows.append(e2e)
@@ -172,6 +204,10 @@ def lightly_style_ratios(parts: Dict) -> Dict:
         got = {r["mode"]: r for r in c.get("rows", []) if r["status"] == "ok"}
         for ours, theirs, what in (("fastbyol", "lightly-style", "end to end (each its own loader)"),
                                    ("fastbyol-synthetic", "lightly-style-synthetic", "compute only (pre-made views)"),
+                                   # Same precision (the lightly-style loop runs under the same autocast);
+                                   # this row takes fastbyol's channels_last out of the compute ratio.
+                                   ("fastbyol-synthetic-nchw", "lightly-style-synthetic",
+                                    "compute only, both NCHW (without fastbyol's channels_last)"),
                                    ("fastbyol", "lightly", "end to end, the lightly package itself")):
             if ours in got and theirs in got:
                 rows.append({"config": got[ours]["config"], "what": what, "fastbyol mode": ours,

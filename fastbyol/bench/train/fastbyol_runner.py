@@ -150,7 +150,7 @@ class FastByolRunner(Runner):
     foreach|loop|sgd, ``compile`` (``--train.compile``)."""
 
     def __init__(self, ctx: Context, loader: str = "dali", loss: str = "fused", ema: str = "fused",
-                 lars: str = "foreach", compile: bool = False):
+                 lars: str = "foreach", compile: bool = False, channels_last: str = "auto"):
         kernels_import()
         from fastbyol.trainer import Trainer
 
@@ -160,6 +160,7 @@ class FastByolRunner(Runner):
         cfg = trainer_config(ctx, "torch" if loader == "synthetic" else loader, self.out, compile)
         if loader == "synthetic":
             cfg.data.workers = 0
+        cfg.train.channels_last = channels_last  # "off": the NCHW comparison row
         self.trainer = Trainer(cfg, engine_factory=_engine_factory(lars, ctx.allreduce))
         tr = self.trainer
         self.model, self.engine = tr.model, tr.engine

@@ -41,8 +41,12 @@ def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def config_differences(saved: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
-    """``(field, saved value, new value)`` for every result-changing field that differs."""
-    a, b = flatten(saved), flatten(new)
+    """``(field, saved value, new value)`` for every result-changing field that differs. A field
+    the checkpoint does not have (added to fastbyol after it was written) reads as its default:
+    new fields default to what fastbyol did before they existed."""
+    from .config import Config
+
+    a, b = {**flatten(Config().to_dict()), **flatten(saved)}, flatten(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if k not in HARMLESS and a.get(k) != b.get(k)]
 

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", default=",".join(PART_NAMES), help="comma list of part names or letters (default: all)")
     p.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--cache", default=None, help="where generated images are kept (~/.cache/fastbyol/bench)")
-    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (GPU 1200, tiny 600)")
+    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (GPU 540, tiny 600); parts it does not reach are reported as skipped")
     p.add_argument("--in-process", action="store_true", help="run the parts in this process (soft caps)")
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)  # a child: run one part
     p.add_argument("--part-out", default=None, help=argparse.SUPPRESS)

@@ -15,19 +15,15 @@ import torch
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint, rng_state, set_rng_state
 from .config import Config
-from .backbones import memory_format
-from .data import build_train_loader, resolve_sources
 from .data.eval_views import eval_loader
 from .distributed import sum_over_ranks
-from .engines import LocalEngine
 from .errors import EXIT_CODES, FastByolError
 from .finite import describe_nonfinite, nonfinite_flag, state_tensors
 from .eval.knn import knn_accuracy
-from .model import BYOL
 from .monitor import Monitor, collapse_std
-from .optim import build_optimizer
+from .parts import EngineFactory, TrainerParts, build_parts, micro_batch_size
 from .resume import check_resume_config, resolve_resume
-from .runtime import DistInfo, check_writable, resolve_device, seed_everything
+from .runtime import DistInfo
 from .schedules import lr_at, scaled_lr, tau_at
 from .stop import StopAgreement, StopSignals, TrainingStopped
 
@@ -36,40 +32,20 @@ log = logging.getLogger("fastbyol")
 BN_BUFFER_MODES = {"own": "none", "ema": "ema", "copy": "copy"}
 
 
-def build_model(cfg: Config, device: torch.device) -> BYOL:
-    from functools import partial
-
-    from fastbyol_kernels import byol_loss
-
-    m = cfg.model
-    model = BYOL(m.backbone, cifar_stem=m.cifar_stem, projector_hidden=m.projector_hidden,
-                 projection_dim=m.projection_dim, predictor_hidden=m.predictor_hidden,
-                 use_momentum=m.use_momentum, loss_fn=partial(byol_loss, backend=cfg.train.kernels))
-    model = model.to(device, memory_format=memory_format(cfg, device))
-    return model
-
-
 class Trainer:
-    """Owns one run. ``Trainer(cfg).fit()`` returns a summary dict.
+    """Owns one run, from its parts (:mod:`fastbyol.parts`). ``Trainer.from_config(cfg).fit()``
+    returns a summary dict.
 
-    ``engine_factory(model, cfg, device, dist) -> engine`` swaps in another engine
-    (DeepSpeed); the default is :class:`~fastbyol.engines.local.LocalEngine`.
+    "Step" is an optimizer step throughout (``self.step``, ``steps_per_epoch``, schedules,
+    checkpoints); the loader yields micro-batches, ``dist.grad_accum`` of them per step.
     """
 
-    def __init__(self, cfg: Config, dist: Optional[DistInfo] = None, engine_factory=None):
-        cfg.validate()
-        self.cfg, self.dist = cfg, dist or DistInfo()
+    def __init__(self, cfg: Config, parts: TrainerParts):
+        self.cfg, self.dist, self.device = cfg, parts.dist, parts.device
         t = cfg.train
-        if t.batch_size % (self.dist.world_size * cfg.dist.grad_accum):
-            raise FastByolError(f"train.batch_size {t.batch_size} is not divisible by world size "
-                                f"{self.dist.world_size} x dist.grad_accum {cfg.dist.grad_accum}")
-        if self.dist.is_main:
-            check_writable(t.out)
-        self.device = resolve_device(t.device, self.dist)
-        seed_everything(t.seed)
-        self.train_src, self.val_src = self.sources()
-        self.micro_batch = t.batch_size // (self.dist.world_size * cfg.dist.grad_accum)
-        self.loader = self.train_loader()
+        self.train_src, self.val_src = parts.train_src, parts.val_src
+        self.loader, self.model, self.engine = parts.loader, parts.model, parts.engine
+        self.micro_batch = micro_batch_size(cfg, self.dist)
         self.steps_per_epoch = len(self.loader) // cfg.dist.grad_accum
         if self.steps_per_epoch < 1:
             raise FastByolError(f"batch size {t.batch_size} is larger than the data set ({len(self.train_src)} images)")
@@ -77,15 +53,6 @@ class Trainer:
         self.stop_step = min(self.total_steps, t.max_steps or self.total_steps)
         self.peak_lr = scaled_lr(cfg.optim.base_lr, t.batch_size)
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
-
-        self.model = self.build_model()
-        if engine_factory is None:
-            opt = build_optimizer(self.model.online, cfg.optim, self.peak_lr)
-            self.engine = LocalEngine(self.model.online, opt, self.device, t.precision, cfg.dist.grad_accum, t.compile)
-        else:
-            self.engine = engine_factory(self.model, cfg, self.device, self.dist)
-        if t.compile:
-            self.model.compile_target()  # the engine compiles the online network
         self.step = 0
         self.knn_random: Optional[float] = None
         self._nonfinite: Optional[torch.Tensor] = None  # set by start_steps
@@ -101,19 +68,15 @@ class Trainer:
         else:
             self.monitor.rewrite([])  # a fresh run starts a fresh metrics.jsonl
 
-    # ------------------------------------------------------------------ parts a subclass may replace
-    # (fastbyol.compat.byol_pytorch's BYOLTrainer: a user's network, Dataset and constant schedules)
-    def sources(self):
-        """(training source, labelled kNN source)."""
-        return resolve_sources(self.cfg)
+    @classmethod
+    def from_config(cls, cfg: Config, dist: Optional[DistInfo] = None,
+                    engine_factory: Optional[EngineFactory] = None) -> "Trainer":
+        """The run ``cfg`` describes: :func:`~fastbyol.parts.build_parts`, then the trainer.
+        ``engine_factory(model, cfg, device, dist) -> engine`` swaps in another engine."""
+        return cls(cfg, build_parts(cfg, dist, engine_factory=engine_factory))
 
-    def train_loader(self):
-        return build_train_loader(self.cfg, self.train_src, self.device, self.micro_batch,
-                                  self.dist.rank, self.dist.world_size)
-
-    def build_model(self) -> BYOL:
-        return build_model(self.cfg, self.device)
-
+    # ------------------------------------------------------------------ schedules (a subclass may replace them;
+    # fastbyol.compat.byol_pytorch's trainer: byol-pytorch's constant lr and tau)
     def lr_at(self, step: int) -> float:
         return lr_at(step, self.total_steps, self.peak_lr, self.warmup_steps)
 
@@ -286,16 +249,17 @@ class Trainer:
         self.start_steps()
         t_start, step_start = time.perf_counter(), self.step
         last_knn = None
+        micro_batches_per_epoch = self.steps_per_epoch * accum  # the loader may hold a few more (a partial step)
         while self.step < self.stop_step:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-            self.loader.set_epoch(epoch, in_epoch * accum)
-            micro = in_epoch * accum
+            micro = in_epoch * accum  # the epoch's next micro-batch
+            self.loader.set_epoch(epoch, start_micro_batch=micro)
             step_before = self.step
             for batch in self.loader:
                 out, stepped = self.train_micro_batch(batch)
                 micro += 1
                 if not stepped:
-                    if micro >= self.steps_per_epoch * accum:
+                    if micro >= micro_batches_per_epoch:
                         break
                     continue
                 if self.step % t.log_every == 0 or self.step == self.stop_step:
@@ -307,7 +271,7 @@ class Trainer:
                     self.save()  # the final step's checkpoint is written below
                 if stop and self.step < self.stop_step:
                     raise TrainingStopped(stop, self.step, self.ckpt_path)
-                if self.step >= self.stop_step or micro >= self.steps_per_epoch * accum:
+                if self.step >= self.stop_step or micro >= micro_batches_per_epoch:
                     break
             if self.step == step_before:
                 raise FastByolError(f"epoch {epoch + 1} produced no trainable batch "

@@ -8,6 +8,7 @@ Every ``import`` of ``fastbyol`` and ``fastbyol_kernels`` (the ``kernels/`` fold
 from __future__ import annotations
 
 import ast
+import functools
 import os
 from typing import Dict, List, Set, Tuple
 
@@ -81,6 +82,7 @@ def imports_of(name: str, path: str, modules: Set[str]) -> Set[str]:
     return found
 
 
+@functools.lru_cache(maxsize=None)
 def import_graph() -> Dict[str, Set[str]]:
     files = module_files()
     return {name: imports_of(name, path, set(files)) for name, path in files.items()}

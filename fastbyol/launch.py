@@ -19,6 +19,7 @@ from .distributed import backend_for, close_process_group, ensure_env
 from .engines.deepspeed_config import deepspeed_config
 from .engines.deepspeed_engine import import_deepspeed, make_engine
 from .errors import FastByolError
+from .parts import EngineFactory
 from .runtime import DistInfo, dist_info_from_env, resolve_device
 from .trainer import Trainer
 
@@ -58,14 +59,14 @@ def _run(cfg: Config, dist: DistInfo) -> Optional[Dict]:
     if cfg.dist.zero_stage:
         raise FastByolError(f"--zero-stage {cfg.dist.zero_stage} needs DeepSpeed: add --deepspeed true "
                             "(or launch with deepspeed/torchrun)")
-    return Trainer(cfg, dist).fit()
+    return Trainer.from_config(cfg, dist).fit()
 
 
-def deepspeed_trainer(cfg: Config, dist: DistInfo, trainer_cls=Trainer, optimizer_factory=None,
-                      **trainer_kwargs) -> Trainer:
-    """Join (or create) the process group and build a :class:`Trainer` (or ``trainer_cls``, given
-    ``trainer_kwargs``) on the DeepSpeed engine. Configuration errors are raised before any
-    process group exists."""
+def deepspeed_engine_factory(cfg: Config, dist: DistInfo, optimizer_factory=None) -> EngineFactory:
+    """Join (or create) the process group; the ``engine_factory`` of
+    :func:`~fastbyol.parts.build_parts` that puts the model on the DeepSpeed engine
+    (``optimizer_factory(params)`` replaces the configured optimizer). Configuration errors are
+    raised before any process group exists."""
     cfg.validate()
     ds_config = deepspeed_config(cfg, dist.world_size)
     device = resolve_device(cfg.train.device, dist)
@@ -81,8 +82,12 @@ def deepspeed_trainer(cfg: Config, dist: DistInfo, trainer_cls=Trainer, optimize
     if tdist.get_world_size() != dist.world_size:
         raise FastByolError(f"launcher says WORLD_SIZE={dist.world_size} but the process group has "
                             f"{tdist.get_world_size()} ranks")
-    return trainer_cls(cfg, dist, engine_factory=partial(make_engine, ds_config=ds_config,
-                                                         optimizer_factory=optimizer_factory), **trainer_kwargs)
+    return partial(make_engine, ds_config=ds_config, optimizer_factory=optimizer_factory)
+
+
+def deepspeed_trainer(cfg: Config, dist: DistInfo) -> Trainer:
+    """The :class:`Trainer` of ``cfg`` on the DeepSpeed engine (:func:`deepspeed_engine_factory`)."""
+    return Trainer.from_config(cfg, dist, engine_factory=deepspeed_engine_factory(cfg, dist))
 
 
 def run_deepspeed(cfg: Config, dist: DistInfo) -> Optional[Dict]:

@@ -16,19 +16,15 @@ import torch
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint, rng_state, set_rng_state
 from .config import Config
 from .config_file import write_run_config
-from .backbones import memory_format
-from .data import build_train_loader, resolve_sources
 from .data.eval_views import eval_loader
 from .distributed import sum_over_ranks
-from .engines import LocalEngine
 from .errors import EXIT_CODES, FastByolError
 from .finite import describe_nonfinite, nonfinite_flag, state_tensors
 from .eval.knn import knn_accuracy
-from .model import BYOL
 from .monitor import Monitor, collapse_std
-from .optim import build_optimizer
+from .parts import EngineFactory, TrainerParts, batch_too_large, build_parts, micro_batch_size
 from .resume import check_resume_config, resolve_resume
-from .runtime import DistInfo, check_writable, resolve_device, seed_everything
+from .runtime import DistInfo
 from .schedules import lr_at, scaled_lr, tau_at
 from .stop import StopAgreement, StopSignals, TrainingStopped
 
@@ -37,73 +33,27 @@ log = logging.getLogger("fastbyol")
 BN_BUFFER_MODES = {"own": "none", "ema": "ema", "copy": "copy"}
 
 
-def build_model(cfg: Config, device: torch.device) -> BYOL:
-    from functools import partial
-
-    from fastbyol_kernels import byol_loss
-
-    m = cfg.model
-    model = BYOL(m.backbone, cifar_stem=m.cifar_stem, projector_hidden=m.projector_hidden,
-                 projection_dim=m.projection_dim, predictor_hidden=m.predictor_hidden,
-                 use_momentum=m.use_momentum, loss_fn=partial(byol_loss, backend=cfg.train.kernels))
-    model = model.to(device, memory_format=memory_format(cfg, device))
-    return model
-
-
-def batch_too_large(cfg: Config, images: int, data: str) -> str:
-    """The error for a global batch larger than the data set: the preset it came from, and the
-    presets whose batch would fit."""
-    from .config import PRESETS, preset
-
-    fits = [f"--preset {name} (batch {c.train.batch_size}, {c.augment.image_size} px, {c.model.backbone})"
-            for name, c in ((n, preset(n)) for n in PRESETS if n not in ("smoke", cfg.preset))
-            if c.train.batch_size <= images]
-    return (f"train.batch_size {cfg.train.batch_size} (preset {cfg.preset}) is larger than the data set "
-            f"({images} images in {data}): pass a smaller --batch-size"
-            + (f", or {' or '.join(fits)}" if fits else ""))
-
-
 class Trainer:
-    """Owns one run. ``Trainer(cfg).fit()`` returns a summary dict.
+    """Owns one run, from its parts (:mod:`fastbyol.parts`). ``Trainer.from_config(cfg).fit()``
+    returns a summary dict.
 
-    ``engine_factory(model, cfg, device, dist) -> engine`` swaps in another engine
-    (DeepSpeed); the default is :class:`~fastbyol.engines.local.LocalEngine`.
+    "Step" is an optimizer step throughout (``self.step``, ``steps_per_epoch``, schedules,
+    checkpoints); the loader yields micro-batches, ``dist.grad_accum`` of them per step.
     """
 
-    def __init__(self, cfg: Config, dist: Optional[DistInfo] = None, engine_factory=None):
-        cfg.validate()
-        self.cfg, self.dist = cfg, dist or DistInfo()
+    def __init__(self, cfg: Config, parts: TrainerParts):
+        self.cfg, self.dist, self.device = cfg, parts.dist, parts.device
         t = cfg.train
-        if t.batch_size % (self.dist.world_size * cfg.dist.grad_accum):
-            raise FastByolError(f"train.batch_size {t.batch_size} is not divisible by world size "
-                                f"{self.dist.world_size} x dist.grad_accum {cfg.dist.grad_accum}")
-        if self.dist.is_main:
-            check_writable(t.out)
-        self.device = resolve_device(t.device, self.dist)
-        seed_everything(t.seed)
-        self.train_src, self.val_src = self.sources()
-        if self.dist.is_main:
-            log.info(self.run_header())
-        if len(self.train_src) < t.batch_size:  # before the loader, which would say it without the preset
-            raise FastByolError(batch_too_large(cfg, len(self.train_src), self.data_description()))
-        self.micro_batch = t.batch_size // (self.dist.world_size * cfg.dist.grad_accum)
-        self.loader = self.train_loader()
+        self.train_src, self.val_src = parts.train_src, parts.val_src
+        self.loader, self.model, self.engine = parts.loader, parts.model, parts.engine
+        self.micro_batch = micro_batch_size(cfg, self.dist)
         self.steps_per_epoch = len(self.loader) // cfg.dist.grad_accum
         if self.steps_per_epoch < 1:
-            raise FastByolError(batch_too_large(cfg, len(self.train_src), self.data_description()))
+            raise FastByolError(batch_too_large(cfg, len(self.train_src), parts.data_description))
         self.total_steps = t.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, t.max_steps or self.total_steps)
         self.peak_lr = scaled_lr(cfg.optim.base_lr, t.batch_size)
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
-
-        self.model = self.build_model()
-        if engine_factory is None:
-            opt = build_optimizer(self.model.online, cfg.optim, self.peak_lr, t.kernels)
-            self.engine = LocalEngine(self.model.online, opt, self.device, t.precision, cfg.dist.grad_accum, t.compile)
-        else:
-            self.engine = engine_factory(self.model, cfg, self.device, self.dist)
-        if t.compile:
-            self.model.compile_target()  # the engine compiles the online network
         self.step = 0
         self.knn_random: Optional[float] = None
         self._nonfinite: Optional[torch.Tensor] = None  # set by start_steps
@@ -118,46 +68,23 @@ class Trainer:
             self._resume(resume)
         else:
             self.monitor.rewrite([])  # a fresh run starts a fresh metrics.jsonl
-        if self.dist.is_main:
-            self.write_config()
+        if self.dist.is_main and parts.rerunnable:
+            write_run_config(cfg, t.out)  # <out>/config.yaml: `fastbyol train --config` reruns the run
 
-    # ------------------------------------------------------------------ parts a subclass may replace
-    # (fastbyol.compat.byol_pytorch's BYOLTrainer: a user's network, Dataset and constant schedules)
-    def sources(self):
-        """(training source, labelled kNN source)."""
-        return resolve_sources(self.cfg)
+    @classmethod
+    def from_config(cls, cfg: Config, dist: Optional[DistInfo] = None,
+                    engine_factory: Optional[EngineFactory] = None) -> "Trainer":
+        """The run ``cfg`` describes: :func:`~fastbyol.parts.build_parts`, then the trainer.
+        ``engine_factory(model, cfg, device, dist) -> engine`` swaps in another engine."""
+        return cls(cfg, build_parts(cfg, dist, engine_factory=engine_factory))
 
-    def train_loader(self):
-        return build_train_loader(self.cfg, self.train_src, self.device, self.micro_batch,
-                                  self.dist.rank, self.dist.world_size)
-
-    def build_model(self) -> BYOL:
-        return build_model(self.cfg, self.device)
-
-    def write_config(self) -> None:
-        """``<out>/config.yaml``: the resolved config, so ``fastbyol train --config`` reruns the run."""
-        write_run_config(self.cfg, self.cfg.train.out)
-
+    # ------------------------------------------------------------------ schedules (a subclass may replace them;
+    # fastbyol.compat.byol_pytorch's trainer: byol-pytorch's constant lr and tau)
     def lr_at(self, step: int) -> float:
         return lr_at(step, self.total_steps, self.peak_lr, self.warmup_steps)
 
     def tau_at(self, step: int) -> float:
         return tau_at(step, self.total_steps, self.cfg.optim.tau_base)
-
-    def data_description(self) -> str:
-        return self.cfg.data.data or "the embedded synthetic set"
-
-    def run_header(self) -> str:
-        """The first line of a run's log: what runs, where, on what."""
-        cfg, t = self.cfg, self.cfg.train
-        classes = getattr(self.train_src, "classes", None)
-        held = f"; kNN on {len(self.val_src)} images" if self.val_src is not None and t.knn_every else ""
-        return (f"train: preset {cfg.preset}, device {self.device}, world size {self.dist.world_size}, precision "
-                f"{t.precision}, {'DeepSpeed' if cfg.dist.deepspeed or self.dist.world_size > 1 else 'local'} "
-                f"engine; data {self.data_description()} ({len(self.train_src)} images"
-                f"{f', {len(classes)} classes' if classes and classes != ['.'] else ''}{held}); {cfg.model.backbone} "
-                f"at {cfg.augment.image_size} px, global batch {t.batch_size}, {t.epochs} epochs"
-                f"{f' (stop at step {t.max_steps})' if t.max_steps else ''}; out {t.out}")
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> Dict:
@@ -325,16 +252,17 @@ class Trainer:
         self.start_steps()
         t_start, step_start = time.perf_counter(), self.step
         last_knn = None
+        micro_batches_per_epoch = self.steps_per_epoch * accum  # the loader may hold a few more (a partial step)
         while self.step < self.stop_step:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-            self.loader.set_epoch(epoch, in_epoch * accum)
-            micro = in_epoch * accum
+            micro = in_epoch * accum  # the epoch's next micro-batch
+            self.loader.set_epoch(epoch, start_micro_batch=micro)
             step_before = self.step
             for batch in self.loader:
                 out, stepped = self.train_micro_batch(batch)
                 micro += 1
                 if not stepped:
-                    if micro >= self.steps_per_epoch * accum:
+                    if micro >= micro_batches_per_epoch:
                         break
                     continue
                 if self.step % t.log_every == 0 or self.step == self.stop_step:
@@ -346,7 +274,7 @@ class Trainer:
                     self.save()  # the final step's checkpoint is written below
                 if stop and self.step < self.stop_step:
                     raise TrainingStopped(stop, self.step, self.ckpt_path)
-                if self.step >= self.stop_step or micro >= self.steps_per_epoch * accum:
+                if self.step >= self.stop_step or micro >= micro_batches_per_epoch:
                     break
             if self.step == step_before:
                 raise FastByolError(f"epoch {epoch + 1} produced no trainable batch "

@@ -112,7 +112,7 @@ def test_smoke_step_counts_triton_launches_from_their_descriptions(smoke_summary
     ops = {(r["stage"], r["op"]): r for r in summary["ops"]}
     assert ops[("loss", "triton:loss_fwd")]["launches"] == 1 and ops[("loss", "triton:loss_bwd")]["launches"] == 1
     ema = ops[("ema", "triton:ema_kernel")]
-    from fastbyol.trainer import build_model
+    from fastbyol.parts import build_model
 
     model = build_model(preset("smoke"), torch.device("cpu"))
     n = sum(p.numel() for m in (model.online.encoder, model.online.projector) for p in m.parameters())

@@ -305,7 +305,7 @@ def test_resume_replays_the_same_batches():
     full.set_epoch(1)
     batches = list(full)
     part = loader(src, aug, 8, seed=2)
-    part.set_epoch(1, start_step=5)
+    part.set_epoch(1, start_micro_batch=5)
     tail = list(part)
     assert len(tail) == 3
     for a, b in zip(batches[5:], tail):
@@ -314,7 +314,7 @@ def test_resume_replays_the_same_batches():
     it = iter(full)
     next(it)
     it.close()
-    full.set_epoch(1, start_step=5)
+    full.set_epoch(1, start_micro_batch=5)
     assert torch.equal(next(iter(full)).view1, batches[5].view1)
 
 

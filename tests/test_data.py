@@ -72,7 +72,7 @@ def test_shards_cover_the_data_once_per_epoch():
         s = EpochShardSampler(n, batch, seed=1, rank=rank, world_size=world)
         s.epoch = 3
         seen.append(list(s))
-        assert len(seen[-1]) == s.steps_per_epoch() * batch == 50
+        assert len(seen[-1]) == s.micro_batches_per_epoch() * batch == 50
     assert not set(seen[0]) & set(seen[1])
     assert len(set(seen[0]) | set(seen[1])) == 100  # the tail that fills no global batch is dropped
     s2 = EpochShardSampler(n, batch, seed=1, rank=0, world_size=world)

@@ -24,7 +24,7 @@ def _trainer(data_dir, out, precision, **over):
     apply_overrides(cfg, {"data.data": data_dir, "data.loader": "torch", "train.device": "cpu", "train.out": str(out), "train.kernels": "triton",
                           "train.knn_every": 0, "train.precision": precision, "dist.grad_accum": 2,
                           "train.batch_size": 8, **over})
-    return Trainer(cfg)
+    return Trainer.from_config(cfg)
 
 
 def steady_state_syncs(trainer, micro_batches=6, warmup=2):

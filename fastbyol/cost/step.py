@@ -1,7 +1,7 @@
 """Drive the product's training step on ``meta`` tensors and attribute every op to a stage.
 
-What runs is :class:`fastbyol.trainer.Trainer` itself (a subclass that only swaps the parts the
-trainer lets a subclass replace: no data source, no loader, the model built on ``meta``) and
+What runs is :class:`fastbyol.trainer.Trainer` itself (given parts that swap only the
+data source, the loader and the model: no data, the model built on ``meta``) and
 its :meth:`~fastbyol.trainer.Trainer.train_micro_batch`, with the views from
 :func:`fastbyol.augment.augment_pair`, what the torch loader runs on the training device. The
 ``meta`` tensors stand for CUDA tensors: every choice the code makes by device is made as on
@@ -46,7 +46,8 @@ from ..errors import FastByolError
 from ..optim import build_optimizer, is_excluded
 from ..schedules import scaled_lr
 from ..runtime import DistInfo
-from ..trainer import Trainer, build_model
+from ..parts import TrainerParts, build_model, build_parts
+from ..trainer import Trainer
 from .counter import CostCounter, OpCost, Record, launch_cost
 
 STAGES = ("augmentation", "forward", "backward", "batchnorm", "loss", "ema", "optimizer", "collectives", "other")
@@ -129,22 +130,28 @@ class CostEngine(LocalEngine):
             return super().step()
 
 
-class CostTrainer(Trainer):
-    """The trainer, its data and model replaced (the model on ``meta``, nothing to load)."""
+class _NoSource:
+    """The data slot of a cost run: as many images as any batch asks for, none to read."""
 
-    def sources(self):
-        return None, None
+    classes = ["."]
 
-    def train_loader(self):
-        return _NoLoader()
+    def __len__(self) -> int:
+        return 1 << 40
 
-    def build_model(self):
-        from ..distributed import convert_sync_batchnorm
 
+def cost_parts(cfg: Config, dist: DistInfo, engine_factory) -> TrainerParts:
+    """The trainer's parts for a cost run: no data, the model on ``meta`` (nothing to load)."""
+    from ..distributed import convert_sync_batchnorm
+
+    def model_factory(device):
         with torch.device("meta"):
-            model = build_model(self.cfg, torch.device("meta"))
-        convert_sync_batchnorm(model, self.dist.world_size, self.cfg.dist.sync_bn)
+            model = build_model(cfg, torch.device("meta"))
+        convert_sync_batchnorm(model, dist.world_size, cfg.dist.sync_bn)
         return model
+
+    return build_parts(cfg, dist, sources=(_NoSource(), None), loader_factory=lambda *args: _NoLoader(),
+                       model_factory=model_factory, engine_factory=engine_factory,
+                       data_description="meta tensors (no data)", rerunnable=False)
 
 
 def cost_config(cfg: Config) -> Config:
@@ -272,14 +279,18 @@ def _device_layer(counter: CostCounter, world_size: int):
     saved = [(torch.Tensor, "data_ptr", real_data_ptr), (torch, "tensor", real_tensor),
              (kloss, "use_triton", kloss.use_triton), (kema, "use_triton", kema.use_triton),
              (Launch, "run", Launch.run), (kema, "_plans", kema._plans), (sync_batchnorm, "_all_reduce_sum", sync_batchnorm._all_reduce_sum),
-             (torch.distributed, "is_initialized", torch.distributed.is_initialized)]
+             (torch.distributed, "is_initialized", torch.distributed.is_initialized),
+             (torch.distributed, "get_world_size", torch.distributed.get_world_size),
+             (torch.distributed, "get_rank", torch.distributed.get_rank)]
     torch.Tensor.data_ptr, torch.tensor = data_ptr, tensor
     kema._plans = {}  # the EMA's block tables are this run's (their lengths are remembered by this counter)
     kloss.use_triton = kema.use_triton = use_triton
     Launch.run = record_launch
     sync_batchnorm._all_reduce_sum = all_reduce
-    if world_size > 1:
+    if world_size > 1:  # this process stands for rank 0 of world_size
         torch.distributed.is_initialized = lambda: True
+        torch.distributed.get_world_size = lambda group=None: world_size
+        torch.distributed.get_rank = lambda group=None: 0
     try:
         yield
     finally:
@@ -358,7 +369,7 @@ def step_cost(cfg: Config, world_size: int = 1) -> StepCost:
             return CostEngine(model.online, opt, precision, counter, cfg_.dist.grad_accum)
 
         with torch.device("meta"):
-            trainer = CostTrainer(cfg, dist, engine_factory=engine_factory)
+            trainer = Trainer(cfg, cost_parts(cfg, dist, engine_factory))
         trainer.device = torch.device("meta")
         _instrument(trainer, counter, floors)
         aug = cfg.augment

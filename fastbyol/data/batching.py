@@ -2,8 +2,8 @@
 into disjoint strided shards, full batches only, resumable mid-epoch. Every loader uses it (torch,
 a user's Dataset, DALI's feeder), so all paths see the same order on any number of ranks.
 
-"Step" here is a micro-batch of one rank: ``len(loader)`` is micro-batches per epoch; the trainer
-divides by ``dist.grad_accum`` for optimizer steps.
+Everything here counts micro-batches of one rank (``len(loader)``, ``set_epoch``'s start), never
+optimizer steps: the trainer takes ``dist.grad_accum`` micro-batches per step.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ..stop import ignore_stop_signals
 
 class EpochShardSampler(Sampler[int]):
     """Shuffled indices for one rank, a pure function of (seed, epoch), starting at a sample
-    offset (resume). Each rank takes a disjoint strided shard of one global permutation;
+    offset (resume: ``start``, in samples). Each rank takes a disjoint strided shard of one global permutation;
     the tail that does not fill a whole global batch is dropped."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int, world_size: int):
@@ -27,15 +27,15 @@ class EpochShardSampler(Sampler[int]):
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
 
-    def steps_per_epoch(self) -> int:
+    def micro_batches_per_epoch(self) -> int:
         return self.n // (self.batch_size * self.world_size)
 
     def __len__(self) -> int:
-        return (self.steps_per_epoch() * self.batch_size) - self.start
+        return (self.micro_batches_per_epoch() * self.batch_size) - self.start
 
     def __iter__(self) -> Iterator[int]:
         perm = np.random.default_rng((self.seed, self.epoch, 0xB701)).permutation(self.n)
-        used = perm[: self.steps_per_epoch() * self.batch_size * self.world_size]
+        used = perm[: self.micro_batches_per_epoch() * self.batch_size * self.world_size]
         mine = used[self.rank:: self.world_size]
         return iter(mine[self.start:].tolist())
 
@@ -53,18 +53,20 @@ class EpochBatchLoader:
         self.batch_size, self.device, self.workers = batch_size, torch.device(device), workers
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.sampler = EpochShardSampler(n_items, batch_size, seed, rank, world_size)
-        self.epoch, self.start_step = 0, 0
+        self.epoch, self.start_micro_batch = 0, 0
 
     def __len__(self) -> int:
-        return self.sampler.steps_per_epoch()
+        """Micro-batches per epoch (full batches only)."""
+        return self.sampler.micro_batches_per_epoch()
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
+    def set_epoch(self, epoch: int, start_micro_batch: int = 0) -> None:
+        """The next ``iter`` yields epoch ``epoch`` from its micro-batch ``start_micro_batch`` on."""
+        self.epoch, self.start_micro_batch = epoch, start_micro_batch
 
     def epoch_loader(self, items: Dataset, **options) -> DataLoader:
         """A DataLoader over ``items`` (indexed by a list of sample indices: one item per batch)
-        for the current epoch, from ``start_step``."""
-        self.sampler.epoch, self.sampler.start = self.epoch, self.start_step * self.batch_size
+        for the current epoch, from micro-batch ``start_micro_batch``."""
+        self.sampler.epoch, self.sampler.start = self.epoch, self.start_micro_batch * self.batch_size
         batches = BatchSampler(self.sampler, self.batch_size, drop_last=True)
         return DataLoader(items, batch_size=None, sampler=batches, num_workers=self.workers,
                           pin_memory=self.device.type == "cuda",

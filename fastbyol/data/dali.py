@@ -10,10 +10,10 @@ This buys three things DALI's own readers and ``fn.random.*`` cannot give:
   disjoint strided shard; the tail that fills no global batch dropped, so every epoch has
   ``len(loader)`` full batches: ``LastBatchPolicy.DROP`` done by the feeder); the crops and
   photometric draws are functions of ``(seed, epoch, index)``. ``set_epoch(e, k)`` replays
-  batch ``k`` of epoch ``e`` bit for bit, whatever ran before, from ``(seed, epoch, step)``
+  micro-batch ``k`` of epoch ``e`` bit for bit, whatever ran before, from ``(seed, epoch, k)``
   alone. With ``fn.readers.file`` and ``fn.random.*`` the order and the draws come from states
   that advance through the run (a shuffle buffer, or ``shuffle_after_epoch``; per-operator
-  RNGs): reaching epoch ``e`` step ``k`` means replaying the run or saving DALI's own
+  RNGs): reaching epoch ``e`` micro-batch ``k`` means replaying the run or saving DALI's own
   checkpoint blob next to ours, and the order would differ from the torch path's.
 * **The torch path's choices.** The draws are :func:`fastbyol.augment.draw_samples`', the
   torch path's, so for the same seed both paths cut the same windows and make the same flip,
@@ -26,7 +26,7 @@ This buys three things DALI's own readers and ``fn.random.*`` cannot give:
   shrink, so ranks stay in step.
   A file that passes the check and still fails in DALI's decoder (a corrupt Huffman table, say)
   aborts the pipeline; the loader then decodes the batches in flight one file at a time,
-  blacklists the culprit and rebuilds the pipeline at the same step (identical batches, since
+  blacklists the culprit and rebuilds the pipeline at the same micro-batch (identical batches, since
   nothing is random inside it).
 
 Per view, in the torch path's order (:func:`fastbyol.augment.augment_view`), every choice per
@@ -64,7 +64,7 @@ CPU mode (``device_id=None``) runs the same definition on DALI's CPU backend.
 Examples:
     >>> loader = DaliTwoViewLoader(scan_image_folder("train/"), AugmentConfig(), 256,
     ...                            torch.device("cuda", 0))
-    >>> loader.set_epoch(3, start_step=120)  # exact resume
+    >>> loader.set_epoch(3, start_micro_batch=120)  # exact resume
     >>> for batch in loader:
     ...     loss = model(batch.view1, batch.view2)
 """
@@ -127,7 +127,7 @@ class DaliTwoViewLoader:
         self.jpeg_fancy_upsampling = jpeg_fancy_upsampling  # see byol_two_view_pipeline
         self.feeder = TwoViewFeeder(source, aug, batch_size, seed, rank, world_size)
         self.feeder.on_bad = self._note_bad
-        self.epoch, self.start_step = 0, 0
+        self.epoch, self.start_micro_batch = 0, 0
         self._skipped = 0
         self.bad_files: List[str] = []
         self._iterator = None  # DALIGenericIterator, reusable after a clean end of epoch
@@ -135,14 +135,15 @@ class DaliTwoViewLoader:
         self._pass: Optional[object] = None  # the running __iter__
 
     def __len__(self) -> int:
-        return self.feeder.steps_per_epoch()
+        """Micro-batches per epoch (full batches only)."""
+        return self.feeder.micro_batches_per_epoch()
 
     @property
     def skipped(self) -> int:
         return self._skipped
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
+    def set_epoch(self, epoch: int, start_micro_batch: int = 0) -> None:
+        self.epoch, self.start_micro_batch = epoch, start_micro_batch
 
     def _build(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -160,11 +161,11 @@ class DaliTwoViewLoader:
     def __iter__(self) -> Iterator[TwoViewBatch]:
         """One pass over the epoch set by :meth:`set_epoch`. One pass at a time: starting a new
         one takes over the pipeline from any earlier, unfinished one."""
-        step, restart, clean = self.start_step, False, False
+        micro_batch, restart, clean = self.start_micro_batch, False, False
         self._pass = token = object()
         try:
             while True:
-                self.feeder.start(self.epoch, step, restart=restart)
+                self.feeder.start(self.epoch, micro_batch, restart=restart)
                 if self._iterator is None:
                     self._iterator = self._build()
                 else:
@@ -172,7 +173,7 @@ class DaliTwoViewLoader:
                 try:
                     for out in self._iterator:
                         fed = self.feeder.consumed()
-                        step, self.last_indices = fed.step + 1, fed.indices
+                        micro_batch, self.last_indices = fed.micro_batch + 1, fed.indices
                         yield self._to_batch(out[0])
                     if self.feeder.error:
                         raise NoReadableImage(self.feeder.error)
@@ -202,7 +203,7 @@ class DaliTwoViewLoader:
 
     def _only_end_left(self) -> bool:
         """Every batch of the epoch was fed and consumed: only DALI's end-of-epoch is pending."""
-        return not self.feeder.in_flight and self.feeder.next_step >= self.feeder.steps_per_epoch()
+        return not self.feeder.in_flight and self.feeder.next_micro_batch >= self.feeder.micro_batches_per_epoch()
 
     def _to_batch(self, out: Dict[str, torch.Tensor]) -> TwoViewBatch:
         views = []

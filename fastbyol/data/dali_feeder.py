@@ -48,7 +48,7 @@ def cores_per_rank() -> int:
 
 @dataclass
 class FedBatch:
-    step: int
+    micro_batch: int  # its number in the epoch
     indices: np.ndarray  # the samples fed (stand-ins in place of unreadable ones)
     bad: List[int]  # the batch's positions' samples that were replaced
     columns: Optional[List[list]]  # pipeline inputs; None when no sample of the data set is readable
@@ -60,7 +60,7 @@ class TwoViewFeeder:
 
     Called by DALI (``fn.external_source(source=feeder, batch=True)``) once per batch; raises
     ``StopIteration`` after the epoch's last full batch. Batches are prepared ``lookahead``
-    steps ahead on a background thread (the draws, the columns); when file reads are slow
+    micro-batches ahead on a background thread (the draws, the columns); when file reads are slow
     (a network file system), they and the header checks run on ``read_threads`` more threads,
     so the training thread rarely waits and ~1 ms reads overlap (``python -m fastbyol.bench.feeder``).
     """
@@ -73,8 +73,8 @@ class TwoViewFeeder:
         self.substitutes = Substitutes(len(source), self.path)
         self.known_bad: Set[int] = self.substitutes.bad  # unreadable, or rejected by DALI's decoder
         self.error = ""  # set when no sample can be read; the loader raises it
-        self.epoch, self.next_step, self.order = 0, 0, np.zeros(0, np.int64)
-        self.reported_upto = -1  # last step whose bad files were reported
+        self.epoch, self.next_micro_batch, self.order = 0, 0, np.zeros(0, np.int64)
+        self.reported_upto = -1  # last micro-batch whose bad files were reported
         self.in_flight: List[FedBatch] = []  # fed to DALI, not yet consumed, oldest first
         self.on_bad: Callable[[List[int]], None] = lambda bad: None
         self.read_threads = read_threads
@@ -83,29 +83,29 @@ class TwoViewFeeder:
         self._readers: Optional[ThreadPoolExecutor] = None  # reads files for the batch being prepared
         self._pending: Dict[int, Future] = {}
 
-    def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch()
+    def micro_batches_per_epoch(self) -> int:
+        return self.sampler.micro_batches_per_epoch()
 
-    def start(self, epoch: int, step: int, restart: bool = False) -> None:
-        """Feed epoch ``epoch`` from batch ``step`` on (forgets anything prepared before).
+    def start(self, epoch: int, micro_batch: int, restart: bool = False) -> None:
+        """Feed epoch ``epoch`` from micro-batch ``micro_batch`` on (forgets anything prepared before).
         ``restart``: the same pass again after a pipeline failure; bad files of batches
         already fed once are not reported twice."""
         self._drop_pending()
         self.sampler.epoch, self.sampler.start = epoch, 0
         self.order = np.fromiter(iter(self.sampler), dtype=np.int64)
-        self.epoch, self.next_step, self.in_flight = epoch, step, []
+        self.epoch, self.next_micro_batch, self.in_flight = epoch, micro_batch, []
         if not restart:
-            self.reported_upto = step - 1
+            self.reported_upto = micro_batch - 1
 
     def __call__(self):
         while True:
-            if self.next_step >= self.steps_per_epoch():
+            if self.next_micro_batch >= self.micro_batches_per_epoch():
                 raise StopIteration
-            fed = self._take(self.next_step)
-            self.next_step += 1
-            if fed.bad and fed.step > self.reported_upto:
+            fed = self._take(self.next_micro_batch)
+            self.next_micro_batch += 1
+            if fed.bad and fed.micro_batch > self.reported_upto:
                 self.on_bad(fed.bad)
-            self.reported_upto = max(self.reported_upto, fed.step)
+            self.reported_upto = max(self.reported_upto, fed.micro_batch)
             if fed.columns is None:  # no readable file at all: the loader raises the error
                 self.error = fed.error
                 raise StopIteration
@@ -125,26 +125,26 @@ class TwoViewFeeder:
 
     # -- preparation
 
-    def _take(self, step: int) -> FedBatch:
+    def _take(self, micro_batch: int) -> FedBatch:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastbyol-dali-feeder")
-        for s in range(step, min(step + self.lookahead + 1, self.steps_per_epoch())):
-            if s not in self._pending:
-                self._pending[s] = self._pool.submit(self.prepare, self.order, self.epoch, s)
-        return self._pending.pop(step).result()
+        for m in range(micro_batch, min(micro_batch + self.lookahead + 1, self.micro_batches_per_epoch())):
+            if m not in self._pending:
+                self._pending[m] = self._pool.submit(self.prepare, self.order, self.epoch, m)
+        return self._pending.pop(micro_batch).result()
 
     def _drop_pending(self) -> None:
         for fut in self._pending.values():
             fut.cancel()
         self._pending = {}
 
-    def prepare(self, order: np.ndarray, epoch: int, step: int) -> FedBatch:
-        """Read, check and draw for batch ``step`` of ``order`` (this rank's sample order in
+    def prepare(self, order: np.ndarray, epoch: int, micro_batch: int) -> FedBatch:
+        """Read, check and draw for micro-batch ``micro_batch`` of ``order`` (this rank's sample order in
         ``epoch``): a pure function of its arguments and the files. Files are read and checked
         by ``read_threads`` threads (reads release the GIL, so they overlap on a network file
         system); the draws are one vectorised call for the batch; each column is one array."""
         b = self.batch_size
-        idx = order[step * b:(step + 1) * b]
+        idx = order[micro_batch * b:(micro_batch + 1) * b]
         src = self.source
         bad: List[int] = []
         if src.array is not None:  # decoded pixels (CIFAR): nothing to read or check
@@ -159,7 +159,7 @@ class TwoViewFeeder:
                     try:
                         fed[k], items[k] = self.substitutes.resolve(i, self._load)
                     except NoReadableImage as e:
-                        return FedBatch(step, np.zeros(0, np.int64), [], None, str(e))
+                        return FedBatch(micro_batch, np.zeros(0, np.int64), [], None, str(e))
                     bad.append(i)
             images = [data for data, _ in items]
             heights, widths = np.array([size for _, size in items]).reshape(-1, 2).T
@@ -167,7 +167,7 @@ class TwoViewFeeder:
         v1, v2 = draw_samples(idx, heights, widths, self.aug, self.seed, epoch)
         k = self.aug.blur_kernel_size
         cols = dali_columns(v1, view_columns(self.aug.view1), k) + dali_columns(v2, view_columns(self.aug.view2), k)
-        return FedBatch(step, fed, bad, [images, labels] + cols)
+        return FedBatch(micro_batch, fed, bad, [images, labels] + cols)
 
     def _read_all(self, indices: List[int]) -> list:
         """:meth:`_load` of every index (``None`` for known-bad ones). The first few are read

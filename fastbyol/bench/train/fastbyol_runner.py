@@ -119,7 +119,7 @@ def allreduce_grads(params: List[torch.Tensor]) -> None:
 
 
 def _engine_factory(optimizer: str, allreduce: bool):
-    """``Trainer(engine_factory=...)``: the trainer's own LocalEngine, with the optimizer swapped
+    """``Trainer.from_config(engine_factory=...)``: the trainer's own LocalEngine, with the optimizer swapped
     for an ablation (``loop``: per-parameter LARS; ``sgd``: lightly's example optimizer)."""
     if optimizer == "foreach" and not allreduce:
         return None
@@ -161,7 +161,7 @@ class FastByolRunner(Runner):
         if loader == "synthetic":
             cfg.data.workers = 0
         cfg.train.channels_last = channels_last  # "off": the NCHW comparison row
-        self.trainer = Trainer(cfg, engine_factory=_engine_factory(lars, ctx.allreduce))
+        self.trainer = Trainer.from_config(cfg, engine_factory=_engine_factory(lars, ctx.allreduce))
         tr = self.trainer
         self.model, self.engine = tr.model, tr.engine
         if loss == "eager":

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbone import peer_backbone
 from .configs import Context
 from .data import forever, peer_loader, synthetic_views
 from .fastbyol_runner import Runner
@@ -116,8 +117,6 @@ class LightlyExampleLoop(Runner):
 
     def __init__(self, ctx: Context, synthetic: bool, make_projection, make_prediction, loss_fn, update_momentum,
                  cosine_schedule, make_transform):
-        from .peers import peer_backbone
-
         self.ctx, c = ctx, ctx.cfg
         self.loss_fn, self.update_momentum = loss_fn, update_momentum
         torch.manual_seed(ctx.seed)

@@ -4,9 +4,9 @@ A peer that is not installed is a ``Skip`` whose reason says how to install it."
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .configs import BenchConfig, Context, Skip
+from .backbone import peer_backbone
+from .configs import Context, Skip
 from .data import forever, peer_loader
 from .fastbyol_runner import Runner
 from .lightly_style import LightlyExampleLoop
@@ -15,23 +15,6 @@ from .lightly_style import LightlyExampleLoop
 # learner needs einops; --no-deps so pip cannot replace torch).
 PEER_INSTALL = ("pip install --no-deps lightly==1.6.0 lightning-utilities==0.15.3 byol-pytorch==0.9.1 "
                 "einops==0.8.2")
-
-
-def peer_backbone(cfg: BenchConfig):
-    """The same encoder architecture fastbyol builds, as a plain torchvision module (or
-    ConvNet4), for the peers. ``(module, feature_dim)``."""
-    import torchvision
-
-    if cfg.backbone == "convnet4":
-        from fastbyol.backbones import ConvNet4
-
-        net = ConvNet4()
-        return net, net.out_dim
-    net = getattr(torchvision.models, cfg.backbone)()
-    if cfg.cifar_stem:
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    return net, net.fc.in_features
 
 
 class LightlyRunner(LightlyExampleLoop):

@@ -110,3 +110,19 @@ def test_sharded_knn_merge_equals_the_gathered_bank_and_one_process(tmp_path):
             assert two["gathered"][k] == pytest.approx(one[k]) and two["sharded"][k] == pytest.approx(one[k])
         rows = torch.cat([keep[keep % 2 == 0], keep[keep % 2 == 1]])  # rank 0's rows, then rank 1's
         assert torch.equal(two["bank"], bank[rows]) and torch.equal(two["labels"], bank_y[rows])
+
+
+def test_scale_benchmark_on_a_tiny_tree(tmp_path):
+    """benchmarks/bench_scale.py end to end on 240 files: every figure is there and sane."""
+    from fastbyol.bench.scale import main
+
+    res = main(["--root", str(tmp_path / "tree"), "--train", "240", "--val", "24", "--classes", "4",
+                "--per-shard", "60", "--ranks", "2", "--out", str(tmp_path / "out")])
+    assert os.path.isfile(tmp_path / "out" / "scale_cpu_240.json")
+    assert res["index"]["files"] == res["index_warm_cache"]["files"] == 240 and res["index"]["classes"] == 4
+    assert len(os.listdir(tmp_path / "tree" / "val" / "n00000003")) == 6
+    first = res["shards_first_run"]
+    assert [r["samples"] for r in first] == [240, 240] and sorted(r["shards_read_here"] for r in first) == [0, 4]
+    assert all(r["shards_read_here"] == 0 for r in res["shards_warm"])
+    assert res["launch_warm_cache"]["train"] + res["launch_warm_cache"]["holdout"] == 240
+    assert {w["kind"] for w in res["workers"]} == {"numpy", "list"}

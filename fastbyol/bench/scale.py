@@ -50,12 +50,26 @@ def _child(fn, args, q) -> None:
         q.put({"error": f"{type(e).__name__}: {e}"})
 
 
+def _results(q, procs) -> List[Dict]:
+    """One result per process; a clear error when a process dies without one."""
+    import queue
+
+    out: List[Dict] = []
+    while len(out) < len(procs):
+        try:
+            out.append(q.get(timeout=5))
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                raise RuntimeError(f"{len(procs) - len(out)} measuring process(es) died without a result")
+    return out
+
+
 def in_fresh_process(fn, *args) -> Dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(fn, args, q))
     p.start()
-    out = q.get()
+    out = _results(q, [p])[0]
     p.join()
     if "error" in out:
         raise RuntimeError(f"{fn.__name__}: {out['error']}")
@@ -149,11 +163,12 @@ def measure_launch(t_start: float, root: str, cache: str) -> Dict:
 
     cfg = apply_overrides(preset("smoke"), {"data.data": root, "augment.image_size": 32})
     t0 = time.time()
+    imports_s = t0 - t_start  # the interpreter, torch and fastbyol: what any run pays
     train, val = resolve_sources(cfg)
     sources_s = time.time() - t0
     loader = TorchTwoViewLoader(train, cfg.augment, 64, torch.device("cpu"), workers=2)
     next(iter(loader))
-    return {"launch_to_first_batch_s": time.time() - t_start, "sources_s": sources_s,
+    return {"launch_to_first_batch_s": time.time() - t_start, "imports_s": imports_s, "sources_s": sources_s,
             "train": len(train), "holdout": len(val)}
 
 
@@ -192,10 +207,38 @@ def run_shards(spec: str, cache: str, ranks: int) -> List[Dict]:
     procs = [ctx.Process(target=_child, args=(measure_shards, (spec, cache, go), q)) for _ in range(ranks)]
     for p in procs:
         p.start()
-    out = [q.get() for _ in procs]
+    out = _results(q, procs)
     for p in procs:
         p.join()
     return out
+
+
+def summary_rows(res: Dict) -> List[Dict]:
+    """The printed table (also saved as ``rows``)."""
+    ix, w = res["index"], {r["kind"]: r for r in res["workers"]}
+    first, warm = res["shards_first_run"], res["shards_warm"]
+    return [
+        {"what": f"folder index, no cache (list {ix['files']:,} files)", "value": f"{ix['scan_nocache_s']:.1f} s"},
+        {"what": "folder index, cache cold (list + write)", "value": f"{res['index_cold_cache']['scan_s']:.1f} s"},
+        {"what": "folder index, cache warm", "value": f"{res['index_warm_cache']['scan_s']:.2f} s"},
+        {"what": "index memory (numpy arrays, RSS growth)", "value": f"{res['index_warm_cache']['index_rss_growth_mib']:.0f} MiB"},
+        {"what": "same paths as a Python list of str", "value": f"{ix['python_list_rss_mib']:.0f} MiB"},
+        {"what": "hold-out split (2 %)", "value": f"{ix['holdout_split_s']:.2f} s"},
+        {"what": "DataLoader worker private memory, numpy index", "value":
+            f"{w['numpy']['worker_private_mib_after_epoch'][-1]:.0f} MiB "
+            f"(+{w['numpy']['growth_later_epochs_mib']:.1f} MiB/epoch, persistent)"},
+        {"what": "DataLoader worker private memory, list of str", "value":
+            f"{w['list']['worker_private_mib_after_epoch'][-1]:.0f} MiB "
+            f"(+{w['list']['growth_later_epochs_mib']:.1f} MiB/epoch, persistent)"},
+        *({"what": f"launch to first batch, cache {c}", "value":
+           f"{r['launch_to_first_batch_s']:.1f} s (imports {r.get('imports_s', float('nan')):.1f} s, "
+           f"sources {r['sources_s']:.1f} s)"}
+          for c, r in (("warm", res["launch_warm_cache"]), ("cold", res["launch_cold_cache"]))),
+        {"what": f"shard index, first run, {len(first)} ranks at once", "value":
+            f"{max(r['seconds'] for r in first):.1f} s; shards read per rank {sorted(r['shards_read_here'] for r in first)}"},
+        {"what": "shard index, warm", "value": f"{max(r['seconds'] for r in warm):.2f} s"},
+        {"what": "shard index memory per rank (RSS growth)", "value": f"{max(r['rss_growth_mib'] for r in warm):.0f} MiB"},
+    ]
 
 
 def main(argv=None) -> Dict:
@@ -231,26 +274,7 @@ def main(argv=None) -> Dict:
     res["shards_first_run"] = run_shards(shard_dir, cache, args.ranks)
     res["shards_warm"] = run_shards(shard_dir, cache, args.ranks)
 
-    ix, w = res["index"], {r["kind"]: r for r in res["workers"]}
-    first, warm = res["shards_first_run"], res["shards_warm"]
-    rows = [
-        {"what": f"folder index, no cache (list {ix['files']:,} files)", "value": f"{ix['scan_nocache_s']:.1f} s"},
-        {"what": "folder index, cache cold (list + write)", "value": f"{res['index_cold_cache']['scan_s']:.1f} s"},
-        {"what": "folder index, cache warm", "value": f"{res['index_warm_cache']['scan_s']:.2f} s"},
-        {"what": "index memory (numpy arrays, RSS growth)", "value": f"{res['index_warm_cache']['index_rss_growth_mib']:.0f} MiB"},
-        {"what": "same paths as a Python list of str", "value": f"{ix['python_list_rss_mib']:.0f} MiB"},
-        {"what": "hold-out split (2 %)", "value": f"{ix['holdout_split_s']:.2f} s"},
-        {"what": "worker private memory growth / epoch, numpy", "value":
-            f"{w['numpy']['growth_first_epoch_mib']:.1f} MiB first, {w['numpy']['growth_later_epochs_mib']:.1f} later"},
-        {"what": "worker private memory growth / epoch, list", "value":
-            f"{w['list']['growth_first_epoch_mib']:.1f} MiB first, {w['list']['growth_later_epochs_mib']:.1f} later"},
-        {"what": "launch to first batch, cache warm", "value": f"{res['launch_warm_cache']['launch_to_first_batch_s']:.1f} s"},
-        {"what": "launch to first batch, cache cold", "value": f"{res['launch_cold_cache']['launch_to_first_batch_s']:.1f} s"},
-        {"what": f"shard index, first run, {args.ranks} ranks at once", "value":
-            f"{max(r['seconds'] for r in first):.1f} s; shards read per rank {sorted(r['shards_read_here'] for r in first)}"},
-        {"what": "shard index, warm", "value": f"{max(r['seconds'] for r in warm):.2f} s"},
-        {"what": "shard index memory per rank (RSS growth)", "value": f"{max(r['rss_growth_mib'] for r in warm):.0f} MiB"},
-    ]
+    rows = summary_rows(res)
     print(markdown_table(rows, ["what", "value"]))
     res.update(stamp(torch.device("cpu")), rows=rows)
     path = write_json(res, f"scale_cpu_{args.train}.json", args.out)

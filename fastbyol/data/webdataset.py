@@ -149,17 +149,45 @@ def _index_tar(path: str) -> Tuple[Members, bool]:
     return members, complete
 
 
-def _index_shards(shards: List[str]) -> List[Tuple[Members, bool]]:
-    """Every shard's index: from the cache when all are there; otherwise one process per cache
-    folder (a node) reads the missing headers while the other ranks wait (:func:`build_lock`),
-    then they load what it cached."""
-    with ThreadPoolExecutor(min(8, len(shards))) as pool:  # I/O bound
-        indexed = list(pool.map(_cached_tar_index, shards))
-        if all(x is not None for x in indexed):
-            return indexed
-        spec_key = hashlib.sha1("\n".join(map(os.path.abspath, shards)).encode()).hexdigest()[:20]
-        with build_lock("wds-" + spec_key):
-            return list(pool.map(_index_tar, shards))
+def _index_shards(shards: List[str]) -> Tuple[Members, np.ndarray, np.ndarray]:
+    """All shards' members concatenated, samples per shard, whether each shard is complete.
+
+    A warm start loads one file: the whole set's index, checked against every shard's size and
+    mtime. Otherwise each shard's own index comes from the cache or its headers, read by one
+    process per cache folder (a node) while the other ranks wait (:func:`build_lock`), and the
+    set's index is written for the next start.
+    """
+    stamp = np.asarray([[st.st_size, st.st_mtime_ns] for st in map(os.stat, shards)], dtype=np.int64)
+    key = hashlib.sha1("\n".join(map(os.path.abspath, shards)).encode()).hexdigest()[:20]
+    whole = os.path.join(cache_root(), "wds-sets", f"{WDS_INDEX_VERSION}-{key}.npz")
+
+    def load_whole():
+        try:
+            with np.load(whole, allow_pickle=False) as z:
+                if np.array_equal(z["stamp"], stamp):
+                    return (z["names"], z["offsets"], z["sizes"], z["classes"]), z["counts"], z["complete"]
+        except (OSError, KeyError, ValueError):
+            pass
+        return None
+
+    hit = load_whole()
+    if hit is not None:
+        return hit
+    with build_lock("wds-" + key):
+        hit = load_whole()  # written by another rank while this one waited
+        if hit is not None:
+            return hit
+        with ThreadPoolExecutor(min(8, len(shards))) as pool:  # header reads: I/O bound
+            indexed = list(pool.map(_index_tar, shards))
+        members = tuple(np.concatenate([m[k] for m, _ in indexed]) for k in range(4))
+        counts = np.asarray([len(m[0]) for m, _ in indexed], dtype=np.int64)
+        complete = np.asarray([c for _, c in indexed], dtype=bool)
+        try:
+            save_npz_atomic(whole, stamp=stamp, names=members[0], offsets=members[1], sizes=members[2],
+                            classes=members[3], counts=counts, complete=complete)
+        except OSError as e:
+            log.debug("cannot cache the index of %d shards: %s", len(shards), e)
+    return members, counts, complete
 
 
 def scan_webdataset(spec: str) -> ImageSource:
@@ -179,17 +207,14 @@ def scan_webdataset(spec: str) -> ImageSource:
     shards = _shard_paths(spec)
     if not shards:
         raise FastByolError(f"{spec!r} holds no .tar shards")
-    indexed = _index_shards(shards)
-    for path, ((names, *_), complete) in zip(shards, indexed):
-        if not complete:
-            log.warning("tar shard %s breaks off; using its first %d complete samples", path, len(names))
-    names = np.concatenate([m[0] for m, _ in indexed])
+    (names, offsets, sizes, labels), counts, complete = _index_shards(shards)
+    for path, n, ok in zip(shards, counts.tolist(), complete.tolist()):
+        if not ok:
+            log.warning("tar shard %s breaks off; using its first %d complete samples", path, n)
     if not len(names):
         raise FastByolError(f"the tar shards of {spec!r} hold no images ({', '.join(IMAGE_EXTENSIONS)})")
-    shard_of = np.concatenate([np.full(len(m[0]), k, dtype=np.int64) for k, (m, _) in enumerate(indexed)])
-    index = np.stack([shard_of, np.concatenate([m[1] for m, _ in indexed]),
-                      np.concatenate([m[2] for m, _ in indexed])], axis=1)
-    labels = np.concatenate([m[3] for m, _ in indexed])
+    shard_of = np.repeat(np.arange(len(shards), dtype=np.int64), counts)
+    index = np.stack([shard_of, offsets, sizes], axis=1)
     unlabelled = int((labels < 0).sum())
     if unlabelled == len(labels):
         classes, labels = ["."], np.zeros(len(labels), dtype=np.int64)

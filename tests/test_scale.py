@@ -112,6 +112,7 @@ def test_sharded_knn_merge_equals_the_gathered_bank_and_one_process(tmp_path):
         assert torch.equal(two["bank"], bank[rows]) and torch.equal(two["labels"], bank_y[rows])
 
 
+@pytest.mark.slow  # ~60 s: spawns a dozen interpreters
 def test_scale_benchmark_on_a_tiny_tree(tmp_path):
     """benchmarks/bench_scale.py end to end on 240 files: every figure is there and sane."""
     from fastbyol.bench.scale import main
@@ -126,3 +127,17 @@ def test_scale_benchmark_on_a_tiny_tree(tmp_path):
     assert all(r["shards_read_here"] == 0 for r in res["shards_warm"])
     assert res["launch_warm_cache"]["train"] + res["launch_warm_cache"]["holdout"] == 240
     assert {w["kind"] for w in res["workers"]} == {"numpy", "list"}
+
+
+def test_simulated_tree_and_shards_index_alike(tmp_path):
+    """The benchmark's tree (hard links) and its tar shards give the same labels, file for file."""
+    from fastbyol.bench.scale_tree import build_shards, build_tree
+    from fastbyol.data.webdataset import scan_webdataset
+
+    build_tree(str(tmp_path), train=250, val=20, classes=4)
+    build_shards(str(tmp_path), train=250, classes=4, per_shard=64)
+    folders, shards = scan_image_folder(str(tmp_path / "train")), scan_webdataset(str(tmp_path / "shards"))
+    assert len(folders) == len(shards) == 250 and len(shards.tar.shards) == 4
+    assert np.bincount(folders.labels).tolist() == np.bincount(shards.labels).tolist() == [63, 63, 62, 62]
+    assert os.stat(folders.files[0]).st_nlink == 63 + 5 + 1  # train + val links + the source
+    assert build_tree(str(tmp_path), train=250, val=20, classes=4)["reused"]

@@ -109,6 +109,8 @@ class TrainConfig:
     knn_k: int = 200  # kNN monitor neighbours
     knn_t: float = 0.1  # kNN monitor temperature
     knn_max_train: int = 50000  # cap on the kNN feature bank
+    knn_max_query: int = 10000  # cap on the kNN query set (a seeded random subset, the same at every evaluation)
+    knn_at_start: bool = False  # also a kNN of the random-init encoder before step 1 (the baseline line); on in the small presets, off for ImageNet (minutes before the first step)
     kernels: str = "auto"  # backend for loss/EMA/LARS: auto | triton | torch
     compile: bool = False  # torch.compile the online/target networks
     channels_last: str = "auto"  # auto | on | off; auto: on for CUDA, on CPU only when the first feature map is >= 32 px
@@ -167,7 +169,7 @@ def _cifar10_resnet18() -> Config:
         model=ModelConfig(backbone="resnet18", cifar_stem=True),
         augment=_cifar_augment(32),
         optim=OptimConfig(base_lr=1.0, weight_decay=1e-5, tau_base=0.99, warmup_epochs=10),
-        train=TrainConfig(batch_size=256, epochs=1000, knn_every=10),
+        train=TrainConfig(batch_size=256, epochs=1000, knn_every=10, knn_at_start=True),
     )
 
 
@@ -182,7 +184,7 @@ def _default() -> Config:
         augment=_cifar_augment(32),
         optim=OptimConfig(optimizer="sgd", base_lr=0.1, weight_decay=1e-4, warmup_epochs=1, tau_base=0.9),
         train=TrainConfig(batch_size=64, epochs=30, precision="fp32", knn_every=5, knn_k=20, ckpt_every=5,
-                          log_every=10, out="runs/default"),
+                          log_every=10, out="runs/default", knn_at_start=True),
     )
 
 
@@ -194,7 +196,7 @@ def _smoke() -> Config:
         augment=_cifar_augment(16),
         optim=OptimConfig(optimizer="lars", base_lr=0.2, warmup_epochs=1, tau_base=0.99),
         train=TrainConfig(batch_size=16, epochs=2, precision="fp32", knn_every=1, knn_k=10, log_every=1,
-                          out="runs/smoke"),
+                          out="runs/smoke", knn_at_start=True),
         data=DataConfig(workers=0),
     )
 
@@ -371,6 +373,7 @@ def validate(cfg: Config) -> None:
     _check(t.stop_check_every >= 1, "train.stop_check_every", "must be >= 1")
     _check(t.knn_every >= 0, "train.knn_every", "must be >= 0")
     _check(t.knn_k >= 1, "train.knn_k", "must be >= 1")
+    _check(t.knn_max_query >= 1, "train.knn_max_query", "must be >= 1")
     _check(t.knn_t > 0, "train.knn_t", "must be > 0")
     _check(t.kernels in ("auto", "triton", "torch"), "train.kernels", "must be auto, triton or torch")
     _check(t.channels_last in ("auto", "on", "off"), "train.channels_last", "must be auto, on or off")

@@ -23,7 +23,8 @@ from .errors import FastByolError
 HARMLESS = frozenset({
     "preset", "train.out", "train.resume", "train.resume_override", "train.max_steps", "train.log_every",
     "train.ckpt_every", "train.ckpt_every_steps", "train.ckpt_every_minutes", "train.keep_last",
-    "train.stop_check_every", "train.knn_every", "train.knn_k", "train.knn_t", "train.knn_max_train",
+    "train.stop_check_every", "train.knn_every", "train.knn_k", "train.knn_t", "train.knn_max_train", "train.knn_max_query",
+    "train.knn_at_start",
     "train.kernels", "train.compile", "train.channels_last", "train.device", "data.workers", "data.cache_dir",
     "data.val_data", "dist.deepspeed", "dist.ds_config", "dist.zero_stage", "dist.grad_accum",
     "dist.timeout_minutes",

@@ -132,7 +132,7 @@ class Trainer:
         workers = self.cfg.data.workers
         size = self.cfg.augment.image_size
         bank = eval_loader(self.train_src, size, 256, workers, t.knn_max_train, t.seed, rank, world)
-        query = eval_loader(self.val_src, size, 256, workers, rank=rank, world_size=world)
+        query = eval_loader(self.val_src, size, 256, workers, t.knn_max_query, t.seed, rank=rank, world_size=world)
         return knn_accuracy(encoder or self.model.online.encoder, bank, query, len(self.train_src.classes),
                             self.device, self.cfg.augment, t.knn_k, t.knn_t)
 
@@ -236,7 +236,7 @@ class Trainer:
     def fit(self) -> Dict:
         cfg, t = self.cfg, self.cfg.train
         run_knn = t.knn_every > 0  # on every rank: the kNN is sharded
-        if run_knn and self.knn_random is None and self.step == 0:
+        if run_knn and t.knn_at_start and self.knn_random is None and self.step == 0:
             self.knn_random = self._knn_at(0, -1)
         accum = cfg.dist.grad_accum
         self._signals = StopSignals(announce=self.dist.is_main).install()

@@ -186,9 +186,11 @@ class Setup:
                                                   else f"{cfg.data.val_fraction:.0%} held out of --data"),
                      "n_train": len(self.train), "n_val": len(self.val), "classes": len(self.train.classes)}
 
-    def features(self, source: ImageSource, gather: bool, l2: bool, cap: Optional[int] = None) -> Features:
+    def features(self, source: ImageSource, gather: bool, l2: bool, cap: Optional[int] = None,
+                 dtype: torch.dtype = torch.float32) -> Features:
         loader = eval_loader(source, self.size, self.batch, self.workers, cap, 0, self.rank, self.world)
-        return extract_features(self.encoder, loader, self.device, self.aug, l2_normalize=l2, gather=gather)
+        return extract_features(self.encoder, loader, self.device, self.aug, l2_normalize=l2, gather=gather,
+                                dtype=dtype)
 
     def stamp(self) -> Dict:
         return {"encoder": self.loaded.to_dict(), "data": self.data, "device": str(self.device),
@@ -213,17 +215,16 @@ def run_knn(ns) -> Dict:
     k_from = "" if ns.k else " (the training monitor's)"
     say(f"kNN of the {s.loaded.describe()} on {s.data['train']} ({len(s.train)} images) -> "
         f"{s.data['val']} ({len(s.val)} images), {s.size} px, k {','.join(map(str, ks))}{k_from}, T {t}, {which}")
-    from .knn import knn_scores
+    from .knn import bank_dtype, knn_scores_from_shards
 
     t0 = time.perf_counter()
-    bank = s.features(s.train, gather=True, l2=True, cap=ns.max_bank)
-    if len(bank) == 0:
-        raise FastByolError("the training set (kNN bank) holds no readable image")
-    query = s.features(s.val, gather=False, l2=True)
-    scores = knn_scores(bank, query, len(s.train.classes), ks, t)
+    # each rank keeps its shard (bf16 on CUDA); gathered or merged per query: see fastbyol.eval.knn
+    bank = s.features(s.train, gather=False, l2=True, cap=ns.max_bank, dtype=bank_dtype(s.device))
+    query = s.features(s.val, gather=False, l2=True, dtype=bank_dtype(s.device))
+    scores, info = knn_scores_from_shards(bank, query, len(s.train.classes), ks, t)
     result = {"protocol": "weighted kNN (InstDisc: cosine, exp(sim/T) votes)", "t": t, "preset": monitor.preset,
               "k_from": "--k" if ns.k else f"the training monitor of preset {monitor.preset}",
-              "bank_images": len(bank), "unreadable": bank.unreadable,
+              "bank_images": info["bank_images"], "unreadable": info["unreadable"], "bank_path": info["path"],
               "results": [{"k": k, "top1": a, "top5": b} for k, (a, b) in scores.items()],
               "seconds": time.perf_counter() - t0, **s.stamp()}
     path = os.path.join(s.out, f"knn_{tag(s.loaded)}.json")

@@ -41,7 +41,7 @@ def _list_class(folder: str, rel: str, names: List[str], dirs: List[str]) -> Non
 def _scan_folder(root: str) -> Tuple[ImageSource, List[str]]:
     """The index, and every folder listed (relative to ``root``)."""
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    groups, names, labels, dirs = [], [], [], [""]
+    names, labels, dirs = [], [], [""]
     for label, cls in enumerate(classes):
         mine: List[str] = []
         sub: List[str] = []

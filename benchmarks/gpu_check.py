@@ -1,12 +1,10 @@
-"""``fastbyol gpu-check`` as a script (the harness is the package ``benchmarks/gpucheck/``).
+"""Everything measured on the first GPU (fastbyol gpu-check).
 
-    python benchmarks/gpu_check.py [--tiny] [--parts a,b,...] [--out DIR]
+The harness is fastbyol.bench.gpucheck (installed with fastbyol): this script runs it.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpucheck import main  # noqa: E402
+from fastbyol.bench.gpucheck import main
 
 if __name__ == "__main__":
     sys.exit(main())

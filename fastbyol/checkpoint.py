@@ -18,7 +18,7 @@ import re
 import shutil
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -203,15 +203,70 @@ def encoder_state_dict(ckpt: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     return sd
 
 
+def export_record_path(path: str) -> str:
+    """Where the training record of an exported encoder lives: ``<encoder file>.json``."""
+    return f"{path}.json"
+
+
+def export_record(ckpt: Dict[str, Any], source: str) -> Optional[Dict[str, Any]]:
+    """What evaluating an exported encoder needs from its training (``None`` for a checkpoint
+    without a config): the size and normalisation of its inputs, its preset and architecture, the
+    training monitor's kNN settings, and the whole config (data, seed) to evaluate it as its
+    checkpoint would be."""
+    if not isinstance(ckpt.get("config"), dict):
+        return None
+    from .config import config_from_dict
+
+    cfg = config_from_dict(ckpt["config"])
+    return {"format": "fastbyol encoder export 1", "preset": cfg.preset, "backbone": cfg.model.backbone,
+            "cifar_stem": cfg.model.cifar_stem, "image_size": cfg.augment.image_size,
+            "mean": list(cfg.augment.mean), "std": list(cfg.augment.std), "knn_k": cfg.train.knn_k,
+            "knn_t": cfg.train.knn_t, "step": int(ckpt.get("step", 0)), "checkpoint": os.path.abspath(source),
+            "config": cfg.to_dict()}
+
+
+def read_export_record(path: str) -> Optional[Dict[str, Any]]:
+    """The training record beside an exported encoder (:func:`export_record_path`), or None."""
+    import json
+
+    record = export_record_path(path)
+    if not os.path.isfile(record):
+        return None
+    try:
+        with open(record) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise FastByolError(f"cannot read {record!r}, the training record of {path!r}: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise FastByolError(f"{record!r} is not a fastbyol export record (no training config in it)")
+    return meta
+
+
 def export_encoder(ckpt_path: str, out_path: str) -> Dict[str, torch.Tensor]:
     """Write the online encoder as a plain state_dict: for a ResNet,
-    ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` misses only ``fc.*``.
-    Refuses an encoder holding NaN or inf."""
+    ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` misses only ``fc.*``;
+    a convnet4 loads strictly. The training record (image size, normalisation, preset,
+    architecture, kNN k; :func:`export_record`) goes beside it as ``<out_path>.json``, so the
+    ``.pt`` stays a state_dict of tensors only; ``fastbyol eval`` reads both. Refuses an encoder
+    holding NaN or inf."""
+    import json
+
     from .finite import first_nonfinite_in
 
-    sd = encoder_state_dict(load_checkpoint(ckpt_path))
+    ckpt = load_checkpoint(ckpt_path)
+    sd = encoder_state_dict(ckpt)
     bad = first_nonfinite_in(sd.items())
     if bad:
         raise FastByolError(f"refusing to export a non-finite encoder from {ckpt_path!r}: {bad}")
+    record = export_record(ckpt, resolve_checkpoint(ckpt_path))
     atomic_save(sd, out_path)
+    meta_path = export_record_path(out_path)
+    if record is None:
+        if os.path.exists(meta_path):  # a record of an earlier export would describe the wrong encoder
+            os.remove(meta_path)
+        return sd
+    tmp = meta_path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(record, fh, indent=2)
+    os.replace(tmp, meta_path)
     return sd

@@ -109,7 +109,9 @@ class TrainConfig:
     knn_k: int = 200  # kNN monitor neighbours
     knn_t: float = 0.1  # kNN monitor temperature
     knn_max_train: int = 50000  # cap on the kNN feature bank
-    kernels: str = "auto"  # backend for loss/EMA/on-device augmentation: auto | triton | torch
+    knn_max_query: int = 10000  # cap on the kNN query set (a seeded random subset, the same at every evaluation)
+    knn_at_start: bool = False  # also a kNN of the random-init encoder before step 1 (the baseline line); on in the small presets, off for ImageNet (minutes before the first step)
+    kernels: str = "auto"  # backend for the fused kernels (loss, EMA, LARS, on-device augmentation): auto | triton | torch
     compile: bool = False  # torch.compile the online/target networks
     channels_last: str = "auto"  # auto | on | off; auto: on for CUDA, on CPU only when the first feature map is >= 32 px
 
@@ -121,6 +123,7 @@ class DistConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage (1-2 refused with LARS)
     grad_accum: int = 1  # micro-batches per optimizer step
     sync_bn: bool = True  # SyncBatchNorm when world size > 1 (as the paper)
+    reduce_dtype: str = "fp32"  # DeepSpeed gradient all-reduce: fp32 (as a local run) | bf16 (half the bytes, bf16-rounded gradients into LARS)
     timeout_minutes: float = 30.0  # process-group timeout for every collective (torch's NCCL default: 10)
 
 
@@ -166,7 +169,7 @@ def _cifar10_resnet18() -> Config:
         model=ModelConfig(backbone="resnet18", cifar_stem=True),
         augment=_cifar_augment(32),
         optim=OptimConfig(base_lr=1.0, weight_decay=1e-5, tau_base=0.99, warmup_epochs=10),
-        train=TrainConfig(batch_size=256, epochs=1000, knn_every=10),
+        train=TrainConfig(batch_size=256, epochs=1000, knn_every=10, knn_at_start=True),
     )
 
 
@@ -174,14 +177,14 @@ def _default() -> Config:
     # What `fastbyol train` runs with no data argument: the embedded synthetic set on a
     # 2-core CPU in about two minutes. A 4-layer convnet (a ResNet-18 trains at ~15 img/s
     # there); tau_base 0.9 because 0.99 learns nothing in a few hundred steps; lr 0.025
-    # (base 0.1) because 0.1 learned on only some seeds (DEVELOPERS.md).
+    # (base 0.1) because 0.1 learned on only some seeds (benchmarks/results/LOG.md).
     return Config(
         preset="default",
         model=ModelConfig(backbone="convnet4", projector_hidden=512, predictor_hidden=512, projection_dim=128),
         augment=_cifar_augment(32),
         optim=OptimConfig(optimizer="sgd", base_lr=0.1, weight_decay=1e-4, warmup_epochs=1, tau_base=0.9),
         train=TrainConfig(batch_size=64, epochs=30, precision="fp32", knn_every=5, knn_k=20, ckpt_every=5,
-                          log_every=10, out="runs/default"),
+                          log_every=10, out="runs/default", knn_at_start=True),
     )
 
 
@@ -193,7 +196,7 @@ def _smoke() -> Config:
         augment=_cifar_augment(16),
         optim=OptimConfig(optimizer="lars", base_lr=0.2, warmup_epochs=1, tau_base=0.99),
         train=TrainConfig(batch_size=16, epochs=2, precision="fp32", knn_every=1, knn_k=10, log_every=1,
-                          out="runs/smoke"),
+                          out="runs/smoke", knn_at_start=True),
         data=DataConfig(workers=0),
     )
 
@@ -370,11 +373,15 @@ def validate(cfg: Config) -> None:
     _check(t.stop_check_every >= 1, "train.stop_check_every", "must be >= 1")
     _check(t.knn_every >= 0, "train.knn_every", "must be >= 0")
     _check(t.knn_k >= 1, "train.knn_k", "must be >= 1")
+    _check(t.knn_max_query >= 1, "train.knn_max_query", "must be >= 1")
     _check(t.knn_t > 0, "train.knn_t", "must be > 0")
     _check(t.kernels in ("auto", "triton", "torch"), "train.kernels", "must be auto, triton or torch")
     _check(t.channels_last in ("auto", "on", "off"), "train.channels_last", "must be auto, on or off")
     _check(s.zero_stage in (0, 1, 2), "dist.zero_stage", "must be 0, 1 or 2")
     _check(s.grad_accum >= 1, "dist.grad_accum", "must be >= 1")
+    _check(s.reduce_dtype in ("fp32", "bf16"), "dist.reduce_dtype", "must be fp32 or bf16")
+    _check(s.reduce_dtype == "fp32" or t.precision == "bf16", "dist.reduce_dtype",
+           "bf16 needs --train.precision bf16")
     _check(s.timeout_minutes > 0, "dist.timeout_minutes", "must be > 0")
 
 

@@ -13,7 +13,7 @@ replicas are made identical here, explicitly:
   (``--dist.sync_bn false``) each rank's follow its own shard; :func:`mean_over_ranks_` replaces
   them by their mean over ranks (timm's ``distribute_bn(reduce=True)``) in every checkpoint, so
   the saved model is the same whichever rank wrote it (the live ones only at the final
-  checkpoint; see :meth:`fastbyol.deepspeed_engine.DeepSpeedEngine.save`).
+  checkpoint; see :meth:`fastbyol.engines.deepspeed_engine.DeepSpeedEngine.save`).
 
 Everything here is plain ``torch.distributed`` and works with any launcher.
 """

@@ -23,7 +23,8 @@ from .errors import FastByolError
 HARMLESS = frozenset({
     "preset", "train.out", "train.resume", "train.resume_override", "train.max_steps", "train.log_every",
     "train.ckpt_every", "train.ckpt_every_steps", "train.ckpt_every_minutes", "train.keep_last",
-    "train.stop_check_every", "train.knn_every", "train.knn_k", "train.knn_t", "train.knn_max_train",
+    "train.stop_check_every", "train.knn_every", "train.knn_k", "train.knn_t", "train.knn_max_train", "train.knn_max_query",
+    "train.knn_at_start",
     "train.kernels", "train.compile", "train.channels_last", "train.device", "data.workers", "data.cache_dir",
     "data.val_data", "dist.deepspeed", "dist.ds_config", "dist.zero_stage", "dist.grad_accum",
     "dist.timeout_minutes",
@@ -41,8 +42,12 @@ def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def config_differences(saved: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
-    """``(field, saved value, new value)`` for every result-changing field that differs."""
-    a, b = flatten(saved), flatten(new)
+    """``(field, saved value, new value)`` for every result-changing field that differs. A field
+    the checkpoint does not have (added to fastbyol after it was written) reads as its default:
+    new fields default to what fastbyol did before they existed."""
+    from .config import Config
+
+    a, b = {**flatten(Config().to_dict()), **flatten(saved)}, flatten(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if k not in HARMLESS and a.get(k) != b.get(k)]
 

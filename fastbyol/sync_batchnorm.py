@@ -1,23 +1,30 @@
 """Synchronised BatchNorm without host syncs: one all-reduce per layer and direction.
 
 BYOL normalises each view with batch statistics over all devices (BYOL_SPEC; the paper's
-4096-image batches). PyTorch's ``nn.SyncBatchNorm`` gets there with a host sync per forward
-and a blocking all-gather of every rank's (mean, invstd, count), and has no CPU kernels. The same
-maths fits one all-reduce of per-channel sums:
+4096-image batches). This is ``nn.SyncBatchNorm``'s algorithm on the same fused kernels
+(:mod:`fastbyol.batchnorm_ops`: PyTorch's CUDA kernels on a GPU, a PyTorch reference of each
+elsewhere), without its host sync (a ``.item()`` on the counts) and with one all-reduce in
+place of its all-gather, so it runs on any backend (NCCL, gloo) and is tested on CPU:
 
-* forward: each rank's count ``n_r``, mean ``m_r`` and centred sum of squares ``M2_r``
-  (``torch.var_mean``, accurate in fp32) are all-reduced as ``(n_r·m_r, M2_r + n_r·m_r², n_r)``
-  in **float64**; then ``mean = S1/N``, ``var = S2/N − mean²``. The subtraction cancels when
-  ``|mean| ≫ std``; float64 keeps ~16 digits, so even a mean 10⁴ standard deviations from 0
-  leaves ~8 correct digits of the variance (an fp32 sum of squares would leave none);
-* backward: ``(Σ dy, Σ dy·(x − mean))`` all-reduced (fp32), as ``nn.SyncBatchNorm`` does, so
-  the input gradient accounts for every rank's use of the shared statistics. Weight and bias
-  gradients stay local sums: the data-parallel engine all-reduces parameter gradients.
+* forward: ``stats`` gives this rank's (mean, invstd); each rank writes them and its count
+  into its own row of a zeroed ``[W, 2C + 1]`` buffer, and one all-reduce (a sum of rows that
+  are zero but one) hands every rank every row; sorted by count (an empty rank last, without
+  ``nn.SyncBatchNorm``'s host-syncing mask), ``gather_stats_with_counts`` combines them
+  (Chan's parallel variance: no cancellation, however far the mean lies from 0) and updates
+  the running statistics (global mean, unbiased global variance, identical on every rank);
+  ``elemt`` normalises;
+* backward: ``backward_reduce`` gives ``(Σ dy, Σ dy·(x − mean))`` and the local weight and
+  bias gradients (the data-parallel engine all-reduces parameter gradients); one all-reduce
+  of the two sums; ``backward_elemt`` gives dx, accounting for every rank's use of the
+  shared statistics.
 
-Running statistics get the global mean and the unbiased global variance, identically on every
-rank. With no process group (one process) the layer is plain ``F.batch_norm``; in eval mode it
-uses the running statistics like any BatchNorm. Works on any backend (NCCL, gloo), so it is
-tested on CPU.
+Memory traffic is a local BatchNorm's: x read twice and y written once forward; dy and x read
+twice and dx written once backward (plus per-channel vectors).
+
+In training mode the statistics are global. In eval mode the layer is a local BatchNorm:
+running statistics when tracked, else this rank's own batch statistics (no collective, so
+ranks with different batch sizes, or only some ranks evaluating, cannot hang). With no
+process group (one process) it is plain ``F.batch_norm``.
 
 Examples:
     >>> net = convert_to_sync_free(torchvision.models.resnet50())  # every BatchNorm, names kept
@@ -26,8 +33,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 from torch import nn
+
+from .batchnorm_ops import ops_for
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -36,51 +44,87 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _shape(v: torch.Tensor, dim: int) -> torch.Tensor:
-    return v.view(1, -1, *([1] * (dim - 2)))
+def _own_row(ops, x: torch.Tensor, eps: float, world: int, rank: int) -> torch.Tensor:
+    """``[W, 2C + 1]`` zeros but row ``rank``: this rank's (mean, invstd, count). Summed over
+    ranks (one all-reduce) it is every rank's row: an all-gather that tolerates any count."""
+    c = x.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = torch.zeros(world, 2 * c + 1, dtype=acc, device=x.device)
+    mine = rows[rank]
+    if x.numel():
+        mine[:c], mine[c:2 * c] = ops.stats(x, eps)
+        mine[2 * c:].fill_(x.numel() // c)  # a device fill: no upload, no sync
+    else:  # an empty shard: count 0, mean 0 and invstd 1 (finite: the combine multiplies it by 0)
+        mine[c:2 * c] = 1.0
+    return rows
+
+
+def _gathered(rows: torch.Tensor):
+    """(mean_all, invstd_all, counts) of every rank, empty ranks last. The fused combine is a
+    running Welford merge that divides by the count so far, so a leading empty rank would give
+    0/0; ``nn.SyncBatchNorm`` drops empty ranks with a boolean mask (a host sync), sorting by
+    count needs none."""
+    c = (rows.shape[1] - 1) // 2
+    rows = rows[torch.argsort(rows[:, 2 * c], descending=True, stable=True)]
+    return rows[:, :c], rows[:, c:2 * c], rows[:, 2 * c]
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps: float):
-        c, dims = x.shape[1], [0, *range(2, x.dim())]
-        xf = x.float()
-        n = x.numel() // c
-        var_r, mean_r = torch.var_mean(xf, dim=dims, correction=0)
-        m = mean_r.double()
-        ones = torch.ones(1, dtype=torch.float64, device=x.device)
-        sums = _all_reduce_sum(torch.cat([m * n, (var_r.double() + m * m) * n, ones * n]))
-        count = sums[2 * c:]
-        mean64 = sums[:c] / count
-        var64 = (sums[c:2 * c] / count - mean64 * mean64).clamp_min_(0)
-        mean, var = mean64.float(), var64.float()
-        invstd = torch.rsqrt(var + eps)
-        if running_mean is not None:
+        ops = ops_for(x)
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        # Parameters in the statistics' dtype (fp32): a bf16/fp16 model's kernels then take
+        # the mixed (low-precision data, fp32 parameters) path; gradients are cast back.
+        wf = None if weight is None else weight.float()
+        bf = None if bias is None else bias.float()
+        mean_all, invstd_all, counts = _gathered(_all_reduce_sum(_own_row(ops, x, eps, tdist.get_world_size(),
+                                                                          tdist.get_rank())))
+        mean = mean_all[0]  # (its dtype and device)
+        if running_mean is not None and (isinstance(factor, torch.Tensor) or running_mean.dtype != mean.dtype):
+            # momentum=None's 1/num_batches_tracked is a device tensor, and the kernel takes a
+            # Python float (reading it would sync): the batch's statistics land in scratch
+            # buffers (momentum 1), then lerp into the running ones by the tensor.
+            batch_mean, batch_var = torch.zeros_like(mean), torch.zeros_like(mean)
+            mean, invstd = ops.gather_stats_with_counts(x, mean_all, invstd_all, batch_mean, batch_var, 1.0, eps,
+                                                        counts)
             with torch.no_grad():
-                running_mean.lerp_(mean.to(running_mean.dtype), factor)
-                unbiased = var64 * count / (count - 1).clamp_min_(1)
-                running_var.lerp_(unbiased.to(running_var.dtype), factor)
-        scale = invstd if weight is None else invstd * weight.float()
-        shift = -mean * scale if bias is None else bias.float() - mean * scale
-        y = torch.addcmul(_shape(shift, x.dim()), xf, _shape(scale, x.dim()))
-        ctx.save_for_backward(x, weight, mean, invstd, count.float())
-        return y.to(x.dtype)
+                running_mean.lerp_(batch_mean.to(running_mean.dtype), factor)
+                running_var.lerp_(batch_var.to(running_var.dtype), factor)
+        else:
+            mean, invstd = ops.gather_stats_with_counts(x, mean_all, invstd_all, running_mean, running_var,
+                                                        float(factor), eps, counts)
+        y = ops.elemt(x, wf, bf, mean, invstd, eps) if x.numel() else torch.empty_like(x)
+        ctx.save_for_backward(x, weight, mean, invstd, counts.to(torch.int32))
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, invstd, count = ctx.saved_tensors
-        c, dims, d = x.shape[1], [0, *range(2, x.dim())], x.dim()
-        dyf, xmu = dy.float(), x.float() - _shape(mean, d)
-        sum_dy, sum_dy_xmu = dyf.sum(dims), (dyf * xmu).sum(dims)
-        grad_w = (sum_dy_xmu * invstd).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_b = sum_dy.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        x, weight, mean, invstd, counts = ctx.saved_tensors
+        ops = ops_for(x)
+        c = x.shape[1]
+        if not (dy.is_contiguous() or dy.is_contiguous(memory_format=torch.channels_last)):
+            dy = dy.contiguous()
+        wf = None if weight is None else weight.float()
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if x.numel():
+            sum_dy, sum_dy_xmu, grad_w, grad_b = ops.backward_reduce(dy, x, mean, invstd, wf, need_x,
+                                                                     need_w and weight is not None,
+                                                                     need_b and weight is not None)
+        else:  # an empty shard still joins the all-reduce, with zeros
+            sum_dy = sum_dy_xmu = torch.zeros_like(mean)
+            grad_w = torch.zeros_like(mean) if need_w and weight is not None else None
+            grad_b = torch.zeros_like(mean) if need_b and weight is not None else None
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             sums = _all_reduce_sum(torch.cat([sum_dy, sum_dy_xmu]))
-            mean_dy, mean_dy_xmu = sums[:c] / count, sums[c:] / count
-            scale = invstd if weight is None else invstd * weight.float()
-            grad_x = ((dyf - _shape(mean_dy, d) - xmu * _shape(invstd * invstd * mean_dy_xmu, d))
-                      * _shape(scale, d)).to(x.dtype)
+            grad_x = (ops.backward_elemt(dy, x, mean, invstd, wf, sums[:c], sums[c:], counts) if x.numel()
+                      else torch.zeros_like(x))
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
@@ -96,11 +140,12 @@ class SyncFreeBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        use_batch = self.training or not self.track_running_stats
-        if not use_batch or not (tdist.is_available() and tdist.is_initialized()):
+        # Only training synchronises (as nn.SyncBatchNorm): eval without running statistics
+        # normalises by this rank's batch, with no collective another rank might not join.
+        if not self.training or not (tdist.is_available() and tdist.is_initialized()):
             return super().forward(x)
         factor = self.momentum
-        track = self.training and self.track_running_stats
+        track = self.track_running_stats
         if track:
             self.num_batches_tracked.add_(1)
             if factor is None:  # cumulative average, without the host sync of float(num_batches_tracked)

@@ -8,28 +8,23 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
-from dataclasses import dataclass
 from typing import Dict, Optional
 
-import numpy as np
 import torch
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint, rng_state, set_rng_state
 from .config import Config
-from .backbones import memory_format
-from .data import build_train_loader, resolve_sources
+from .config_file import write_run_config
 from .data.eval_views import eval_loader
 from .distributed import sum_over_ranks
-from .engine import LocalEngine
 from .errors import EXIT_CODES, FastByolError
 from .finite import describe_nonfinite, nonfinite_flag, state_tensors
-from .knn import knn_accuracy
-from .model import BYOL
+from .eval.knn import knn_accuracy
 from .monitor import Monitor, collapse_std
-from .optim import build_optimizer
+from .parts import EngineFactory, TrainerParts, batch_too_large, build_parts, micro_batch_size
 from .resume import check_resume_config, resolve_resume
+from .runtime import DistInfo
 from .schedules import lr_at, scaled_lr, tau_at
 from .stop import StopAgreement, StopSignals, TrainingStopped
 
@@ -38,95 +33,27 @@ log = logging.getLogger("fastbyol")
 BN_BUFFER_MODES = {"own": "none", "ema": "ema", "copy": "copy"}
 
 
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: str, dist: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise FastByolError("--train.device cuda requested but CUDA is not available")
-        torch.backends.cudnn.benchmark = True  # training batches never change shape (always full): tune once
-        return torch.device("cuda", dist.local_rank)
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_model(cfg: Config, device: torch.device) -> BYOL:
-    from functools import partial
-
-    from fastbyol_kernels import byol_loss
-
-    m = cfg.model
-    model = BYOL(m.backbone, cifar_stem=m.cifar_stem, projector_hidden=m.projector_hidden,
-                 projection_dim=m.projection_dim, predictor_hidden=m.predictor_hidden,
-                 use_momentum=m.use_momentum, loss_fn=partial(byol_loss, backend=cfg.train.kernels))
-    model = model.to(device, memory_format=memory_format(cfg, device))
-    return model
-
-
-def check_writable(out: str) -> None:
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write-test")
-        with open(probe, "w") as fh:
-            fh.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise FastByolError(f"cannot write to --out {out!r}: {e.strerror or e}") from None
-
-
 class Trainer:
-    """Owns one run. ``Trainer(cfg).fit()`` returns a summary dict.
+    """Owns one run, from its parts (:mod:`fastbyol.parts`). ``Trainer.from_config(cfg).fit()``
+    returns a summary dict.
 
-    ``engine_factory(model, cfg, device, dist) -> engine`` swaps in another engine
-    (DeepSpeed); the default is :class:`~fastbyol.engine.LocalEngine`.
+    "Step" is an optimizer step throughout (``self.step``, ``steps_per_epoch``, schedules,
+    checkpoints); the loader yields micro-batches, ``dist.grad_accum`` of them per step.
     """
 
-    def __init__(self, cfg: Config, dist: Optional[DistInfo] = None, engine_factory=None):
-        cfg.validate()
-        self.cfg, self.dist = cfg, dist or DistInfo()
+    def __init__(self, cfg: Config, parts: TrainerParts):
+        self.cfg, self.dist, self.device = cfg, parts.dist, parts.device
         t = cfg.train
-        if t.batch_size % (self.dist.world_size * cfg.dist.grad_accum):
-            raise FastByolError(f"train.batch_size {t.batch_size} is not divisible by world size "
-                                f"{self.dist.world_size} x dist.grad_accum {cfg.dist.grad_accum}")
-        if self.dist.is_main:
-            check_writable(t.out)
-        self.device = resolve_device(t.device, self.dist)
-        seed_everything(t.seed)
-        self.train_src, self.val_src = self.sources()
-        self.micro_batch = t.batch_size // (self.dist.world_size * cfg.dist.grad_accum)
-        self.loader = self.train_loader()
+        self.train_src, self.val_src = parts.train_src, parts.val_src
+        self.loader, self.model, self.engine = parts.loader, parts.model, parts.engine
+        self.micro_batch = micro_batch_size(cfg, self.dist)
         self.steps_per_epoch = len(self.loader) // cfg.dist.grad_accum
         if self.steps_per_epoch < 1:
-            raise FastByolError(f"batch size {t.batch_size} is larger than the data set ({len(self.train_src)} images)")
+            raise FastByolError(batch_too_large(cfg, len(self.train_src), parts.data_description))
         self.total_steps = t.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, t.max_steps or self.total_steps)
         self.peak_lr = scaled_lr(cfg.optim.base_lr, t.batch_size)
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
-
-        self.model = self.build_model()
-        if engine_factory is None:
-            opt = build_optimizer(self.model.online, cfg.optim, self.peak_lr)
-            self.engine = LocalEngine(self.model.online, opt, self.device, t.precision, cfg.dist.grad_accum, t.compile)
-        else:
-            self.engine = engine_factory(self.model, cfg, self.device, self.dist)
-        if t.compile:
-            self.model.compile_target()  # the engine compiles the online network
         self.step = 0
         self.knn_random: Optional[float] = None
         self._nonfinite: Optional[torch.Tensor] = None  # set by start_steps
@@ -141,20 +68,18 @@ class Trainer:
             self._resume(resume)
         else:
             self.monitor.rewrite([])  # a fresh run starts a fresh metrics.jsonl
+        if self.dist.is_main and parts.rerunnable:
+            write_run_config(cfg, t.out)  # <out>/config.yaml: `fastbyol train --config` reruns the run
 
-    # ------------------------------------------------------------------ parts a subclass may replace
-    # (fastbyol.compat.byol_pytorch's BYOLTrainer: a user's network, Dataset and constant schedules)
-    def sources(self):
-        """(training source, labelled kNN source)."""
-        return resolve_sources(self.cfg)
+    @classmethod
+    def from_config(cls, cfg: Config, dist: Optional[DistInfo] = None,
+                    engine_factory: Optional[EngineFactory] = None) -> "Trainer":
+        """The run ``cfg`` describes: :func:`~fastbyol.parts.build_parts`, then the trainer.
+        ``engine_factory(model, cfg, device, dist) -> engine`` swaps in another engine."""
+        return cls(cfg, build_parts(cfg, dist, engine_factory=engine_factory))
 
-    def train_loader(self):
-        return build_train_loader(self.cfg, self.train_src, self.device, self.micro_batch,
-                                  self.dist.rank, self.dist.world_size)
-
-    def build_model(self) -> BYOL:
-        return build_model(self.cfg, self.device)
-
+    # ------------------------------------------------------------------ schedules (a subclass may replace them;
+    # fastbyol.compat.byol_pytorch's trainer: byol-pytorch's constant lr and tau)
     def lr_at(self, step: int) -> float:
         return lr_at(step, self.total_steps, self.peak_lr, self.warmup_steps)
 
@@ -202,12 +127,12 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def knn(self, encoder=None) -> float:
         """Weighted kNN top-1 on all ranks: each extracts its shard of the bank and of the
-        queries, the bank is gathered, each votes for its queries (:mod:`fastbyol.knn`)."""
+        queries, the bank is gathered, each votes for its queries (:mod:`fastbyol.eval.knn`)."""
         t, rank, world = self.cfg.train, self.dist.rank, self.dist.world_size
         workers = self.cfg.data.workers
         size = self.cfg.augment.image_size
         bank = eval_loader(self.train_src, size, 256, workers, t.knn_max_train, t.seed, rank, world)
-        query = eval_loader(self.val_src, size, 256, workers, rank=rank, world_size=world)
+        query = eval_loader(self.val_src, size, 256, workers, t.knn_max_query, t.seed, rank=rank, world_size=world)
         return knn_accuracy(encoder or self.model.online.encoder, bank, query, len(self.train_src.classes),
                             self.device, self.cfg.augment, t.knn_k, t.knn_t)
 
@@ -311,7 +236,7 @@ class Trainer:
     def fit(self) -> Dict:
         cfg, t = self.cfg, self.cfg.train
         run_knn = t.knn_every > 0  # on every rank: the kNN is sharded
-        if run_knn and self.knn_random is None and self.step == 0:
+        if run_knn and t.knn_at_start and self.knn_random is None and self.step == 0:
             self.knn_random = self._knn_at(0, -1)
         accum = cfg.dist.grad_accum
         self._signals = StopSignals(announce=self.dist.is_main).install()
@@ -327,16 +252,17 @@ class Trainer:
         self.start_steps()
         t_start, step_start = time.perf_counter(), self.step
         last_knn = None
+        micro_batches_per_epoch = self.steps_per_epoch * accum  # the loader may hold a few more (a partial step)
         while self.step < self.stop_step:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-            self.loader.set_epoch(epoch, in_epoch * accum)
-            micro = in_epoch * accum
+            micro = in_epoch * accum  # the epoch's next micro-batch
+            self.loader.set_epoch(epoch, start_micro_batch=micro)
             step_before = self.step
             for batch in self.loader:
                 out, stepped = self.train_micro_batch(batch)
                 micro += 1
                 if not stepped:
-                    if micro >= self.steps_per_epoch * accum:
+                    if micro >= micro_batches_per_epoch:
                         break
                     continue
                 if self.step % t.log_every == 0 or self.step == self.stop_step:
@@ -348,7 +274,7 @@ class Trainer:
                     self.save()  # the final step's checkpoint is written below
                 if stop and self.step < self.stop_step:
                     raise TrainingStopped(stop, self.step, self.ckpt_path)
-                if self.step >= self.stop_step or micro >= self.steps_per_epoch * accum:
+                if self.step >= self.stop_step or micro >= micro_batches_per_epoch:
                     break
             if self.step == step_before:
                 raise FastByolError(f"epoch {epoch + 1} produced no trainable batch "

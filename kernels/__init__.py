@@ -19,6 +19,9 @@ Contents:
   sample's order, grayscale, solarisation, normalisation; blur by the caller in between) in
   one pass over the pixels plus a first pass for contrast's grey means, written in the
   training dtype.
+- :func:`lars_step_`: one LARS step of a parameter group (per-tensor norms in one launch, the
+  update in one more; 28 bytes per fp32 parameter), :func:`lars_step_reference_` its
+  ``_foreach`` reference (``fastbyol.optim.LARS`` runs either).
 - Drop-ins with the peers' signatures (``drop_in.py``): :func:`get_ema_multi_avg_fn` for
   ``torch.optim.swa_utils.AveragedModel``, :class:`ModelEmaV3` (timm's), :func:`update_momentum`
   (lightly's); :func:`unwrap` looks through DDP, DeepSpeed and ``torch.compile`` wrappers.
@@ -32,10 +35,12 @@ Examples:
 """
 from .augment import photometric, photometric_reference
 from .ema import ema_update_, ema_update_reference_
+from .lars import lars_step_, lars_step_reference_
 from .loss import byol_loss, byol_loss_reference, normalized_l2_loss, normalized_l2_loss_reference
 from .module_ema import ModuleEMA, unwrap
 from .drop_in import ModelEmaV3, get_ema_multi_avg_fn, update_momentum
 
 __all__ = ["byol_loss", "normalized_l2_loss", "ema_update_", "ModuleEMA", "byol_loss_reference",
            "normalized_l2_loss_reference", "ema_update_reference_", "unwrap", "get_ema_multi_avg_fn",
-           "ModelEmaV3", "update_momentum", "photometric", "photometric_reference"]
+           "ModelEmaV3", "update_momentum", "photometric", "photometric_reference", "lars_step_",
+           "lars_step_reference_"]

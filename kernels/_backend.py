@@ -22,6 +22,9 @@ def triton_available() -> bool:
             import triton  # noqa: F401
         except ImportError:
             return False
+        from ._interpreter import fix_scalar_index
+
+        fix_scalar_index()  # triton < 3.7's interpreter under numpy >= 2.4
         _triton_found = True
     return True
 

@@ -19,8 +19,9 @@ CPU tests pass or fail for reasons that do not exist on a GPU:
   the fused result only when the fp64 sum lands exactly on an fp32 tie, ~2^-29 of cases).
 
 :func:`use_compiled_semantics` patches these on the interpreter's classes, once per process.
-The package never calls it itself (importing fastbyol_kernels changes nothing in triton):
-``tests/conftest.py`` does, so the CPU tests check the rounding a GPU does, bit for bit.
+The package applies only the index fix itself (:func:`fix_scalar_index`, a crash, not a
+rounding); ``tests/conftest.py`` and ``fastbyol_kernels.check`` apply all three, so the CPU tests
+check the rounding a GPU does, bit for bit.
 """
 from __future__ import annotations
 
@@ -57,8 +58,7 @@ def use_compiled_semantics() -> bool:
 
     builder = getattr(interp, "InterpreterBuilder", None)
     handle = getattr(interp, "TensorHandle", None)
-    patch_tensor = getattr(interp, "_patch_lang_tensor", None)
-    if builder is None or handle is None or patch_tensor is None or not hasattr(builder, "cast_impl"):
+    if builder is None or handle is None or not hasattr(builder, "cast_impl"):
         return False
     original_cast, original_fp_to_fp = builder.cast_impl, builder.create_fp_to_fp
 
@@ -90,13 +90,35 @@ def use_compiled_semantics() -> bool:
             fused = (xs * ys + zs).astype(np.float32)
         return cast_impl(self, handle(fused, tl.float32), z.dtype.scalar)
 
-    def patch_lang_tensor(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(())))
-
     builder.cast_impl = cast_impl  # create_fp_trunc, create_fp_ext, ... call it
     builder.create_fp_to_fp = create_fp_to_fp
     builder.create_fma = create_fma
-    interp._patch_lang_tensor = patch_lang_tensor
+    fix_scalar_index()
     _applied = True
     return True
+
+
+_index_fixed = False
+
+
+def fix_scalar_index() -> None:
+    """triton < 3.7's interpreter calls ``int()`` on a scalar's one-element numpy array (a
+    ``range`` bound loaded from memory); numpy >= 2.4 refuses that. Squeeze first, as 3.7 does.
+    Only the interpreter runs this code, so :mod:`._backend` applies it whenever triton loads
+    (the GPU machine's triton 3.6 + numpy 2.4 run ``gpu-check --tiny`` interpreted); idempotent."""
+    global _index_fixed
+    if _index_fixed:
+        return
+    from triton.runtime import interpreter as interp
+
+    patch_tensor = getattr(interp, "_patch_lang_tensor", None)
+    if patch_tensor is None:
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        # Recorded in the same scope, after the interpreter's own: restored first, in order.
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(())))
+
+    interp._patch_lang_tensor = patch_lang_tensor
+    _index_fixed = True

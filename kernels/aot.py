@@ -38,7 +38,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .launches import EMA_BLOCK, Launch, ema_launch, loss_bwd_launch, loss_fwd_launch, photometric_launches
+from .launches import (EMA_BLOCK, Launch, ema_launch, lars_norms_launch, lars_update_launch, loss_bwd_launch,
+                       loss_fwd_launch, photometric_launches)
 
 CAPABILITIES = (80, 90, 100)  # A100, H100/H200, B200
 MAX_REGISTERS = 128  # per thread: 8 warps x 128 = half of an SM's register file, >= 2 blocks resident
@@ -151,11 +152,11 @@ class Compiled:
 
     @property
     def vector_loads(self) -> int:
-        return len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", self.ptx))
+        return len(re.findall(r"ld\.global(?:\.\w+)*\.(?:v4\.|v2\.[bfu]64)", self.ptx))  # fp64: 2 x 64 bits
 
     @property
     def vector_stores(self) -> int:
-        return len(re.findall(r"st\.global(?:\.\w+)*\.v4\.", self.ptx))
+        return len(re.findall(r"st\.global(?:\.\w+)*\.(?:v4\.|v2\.[bfu]64)", self.ptx))
 
 
 def compile_launch(launch: Launch, cc: int, source: Optional[str] = None) -> Compiled:
@@ -192,11 +193,13 @@ def expects_vectors(launch: Launch) -> Tuple[bool, bool]:
     """Whether the data must move in 128-bit (loads, stores): the EMA when its tensors are
     16-byte aligned; the loss when its inputs are aligned, their rows contiguous and D a
     multiple of 16 (then it reads in v4, and its backward writes in v4)."""
-    if launch.kernel == "ema_kernel":
+    if launch.kernel in ("ema_kernel", "lars_update_kernel"):
         aligned = bool(launch.constexprs["ALIGNED"])
         return aligned, aligned
     if launch.kernel == "photometric_kernel":  # the fp32 scratch: written by pass 1, read by pass 2
         return launch.constexprs["PASS"] == 2, launch.constexprs["PASS"] == 1
+    if launch.kernel == "lars_norms_kernel":  # stores nothing but two atomics a block
+        return bool(launch.constexprs["ALIGNED"]), False
     a = launch.args
     rows = all(a[k] == 1 for k in ("sp1", "sz1", "sq1", "sy1")) and a["D"] % 16 == 0
     aligned = all(a[k].data_ptr() % 16 == 0 for k in ("p_ptr", "z_ptr", "q_ptr", "y_ptr"))
@@ -322,11 +325,40 @@ def augment_specialisations(sizes: Iterable[Tuple[int, int]] = AUGMENT_SIZES) ->
     return out
 
 
+LARS_DTYPES = (torch.float32, torch.float64)
+
+
+def lars_launches_for(params, grads, bufs, adapt: bool = True) -> List[Launch]:
+    """The launches :func:`~.lars.lars_step_` makes for one group of these (CPU) tensors."""
+    from .lars import LarsPlan, LARS_BLOCKS
+
+    plan = LarsPlan(params, bufs, LARS_BLOCKS[params[0].dtype])
+    g_ptrs = plan.grad_pointers(grads)
+    aligned = plan.aligned and plan.g_aligned
+    sq = torch.empty(2 * len(params), dtype=plan.dtype)
+    out = [lars_norms_launch(plan, g_ptrs, sq, 1.5e-6, aligned)] if adapt else []
+    return out + [lars_update_launch(plan, g_ptrs, sq if adapt else plan.numels, 0.1, 0.9, 1.5e-6, 1e-3, adapt,
+                                     aligned)]
+
+
+def lars_specialisations() -> List[Launch]:
+    """Every LARS specialisation: fp32, fp64 x adapted (norms + update) or excluded (update)
+    x aligned or not."""
+    out = []
+    for dtype in LARS_DTYPES:
+        for offset in (0, 1):
+            def tensors():
+                return [torch.empty(5003, dtype=dtype)[offset:offset + 5000], torch.empty(7, dtype=dtype)]
+            for adapt in (True, False):
+                out += lars_launches_for(tensors(), tensors(), tensors(), adapt)
+    return out
+
+
 def specialisations() -> List[Launch]:
-    """Everything the package launches in training: every EMA specialisation, the loss at
+    """Everything the package launches in training: every EMA and LARS specialisation, the loss at
     B 32...4096 x D 128/256/4096 (and a B that is not a multiple of 16) in fp32, bf16, fp16,
     and the photometric augmentation at 224, 32 and 96 pixels."""
-    return ema_specialisations() + loss_specialisations() + augment_specialisations()
+    return ema_specialisations() + lars_specialisations() + loss_specialisations() + augment_specialisations()
 
 
 def compile_key(launch: Launch) -> str:
@@ -356,10 +388,12 @@ def selection(name: str, capabilities: Sequence[int] = CAPABILITIES) -> List[Tup
     ema = unique(ema_specialisations())
     loss = loss_specialisations([(4096, 256)], [torch.float32, torch.bfloat16]) + \
         loss_specialisations([(1000, 256)], [torch.float16])
+    lars = unique(lars_specialisations())
     variants = [ema[0], next(x for x in ema if x.args["m_ptr"].dtype == torch.float64)] + loss_launches_for(4096, 256, torch.float32)[:2]
+    variants += [x for x in lars if x.constexprs["ALIGNED"] and x.args["sq_ptr"].dtype == torch.float32][:2]
     augment = unique(augment_launches_for(256, 224, torch.bfloat16))  # the four passes, as ImageNet trains
     first, rest = capabilities[0], capabilities[1:]
-    return [(x, first) for x in ema + loss + augment] + [(x, cc) for x in variants + augment[1:2] for cc in rest]
+    return [(x, first) for x in ema + lars + loss + augment] + [(x, cc) for x in variants + augment[1:2] for cc in rest]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

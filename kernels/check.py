@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from . import byol_loss, ema_update_, normalized_l2_loss
+from . import byol_loss, ema_update_, lars_step_, normalized_l2_loss
 
 EPS = 1e-12  # F.normalize's
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
@@ -166,6 +166,31 @@ def check_photometric(B: int, size: int, device: str, seed: int) -> None:
         assert torch.equal(low, got.to(dtype)), f"{str(dtype)[6:]}: {(low != got.to(dtype)).sum().item()} differ"
 
 
+def check_lars(n: int, dtype: torch.dtype, device: str, seed: int) -> None:
+    """:func:`lars_step_` (weights, then excluded) over ``n`` tensors of odd sizes, one all
+    zero (trust 1), against the formulas in fp64."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(1,), (7,), (3, 5, 7), (4097,), (2, 2049), (513, 257)]
+    shapes = [sizes[i % len(sizes)] for i in range(n)]
+    lr, m, wd, eta = 0.3, 0.9, 1e-2, 1e-3
+    for adapt in (True, False):
+        ws, gs, bs = ([_randn(s, dtype, device, g) for s in shapes] for _ in range(3))
+        ws[0].zero_()
+        want_w, want_b = [], []
+        for w, gr, b in zip(ws, gs, bs):
+            w, gr, b = w.double(), gr.double(), b.double()
+            u = gr + wd * w if adapt else gr
+            trust = eta * w.norm() / u.norm() if adapt and w.norm() > 0 and u.norm() > 0 else 1.0
+            nb = m * b + trust * u
+            want_b.append(nb), want_w.append(w - lr * nb)
+        lars_step_(ws, gs, bs, lr=lr, momentum=m, weight_decay=wd if adapt else 0.0, trust_coefficient=eta,
+                   adapt=adapt, backend="triton")
+        tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+        for w, b, ww, wb in zip(ws, bs, want_w, want_b):
+            torch.testing.assert_close(b.double(), wb, **tol)
+            torch.testing.assert_close(w.double(), ww, **tol)
+
+
 def cases(device: str, quick: bool) -> List[Tuple[str, Callable[[], None]]]:
     loss_sizes = [(1, 7), (3, 1000)] + ([] if quick else [(257, 256), (3, 1), (2, 8192), (4096, 256), (1000, 4097)])
     out = []
@@ -187,6 +212,10 @@ def cases(device: str, quick: bool) -> List[Tuple[str, Callable[[], None]]]:
     out.append(("ema_update_ = torch.lerp bit for bit (fp32, bf16, fp16)", lambda: check_ema_equals_lerp(device)))
     for B, size in [(3, 9)] + ([] if quick else [(29, 31), (64, 224)]):
         out.append((f"photometric B={B} {size}x{size}", lambda B=B, size=size: check_photometric(B, size, device, seed=B)))
+    for dtype in (torch.float32, torch.float64):
+        for n in ([2] if quick else [2, 13, 171]):
+            out.append((f"lars_step_ {str(dtype)[6:]} n={n}",
+                        lambda n=n, dtype=dtype: check_lars(n, dtype, device, seed=n)))
     return out
 
 

@@ -1,8 +1,8 @@
 """Every Triton launch of fastbyol_kernels, described in one place.
 
 A :class:`Launch` names the kernel and holds its grid, its runtime arguments (by name, in
-the kernel's order), its constexprs and its warp count. The launchers in :mod:`.ema` and
-:mod:`.loss` build their launches here and run them; the ahead-of-time compile check
+the kernel's order), its constexprs and its warp count. The launchers in :mod:`.ema`,
+:mod:`.loss` and :mod:`.lars` build their launches here and run them; the ahead-of-time compile check
 (:mod:`.aot`, ``tests/test_aot_compile.py``) compiles the very same descriptions for real
 GPUs. So the signatures, constexprs and block sizes that are checked are the ones that run:
 a launcher cannot change one without the check seeing it.
@@ -13,6 +13,7 @@ describe a launch of any size without memory (that is how the compile check uses
 from __future__ import annotations
 
 import importlib
+import struct
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -59,7 +60,8 @@ def _cdiv(a: int, b: int) -> int:
 def _tl_dtype(dtype: torch.dtype):
     import triton.language as tl  # triton is imported only when a kernel is about to run
 
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+            torch.float64: tl.float64}[dtype]
 
 
 # ----------------------------------------------------------------------------- EMA
@@ -216,3 +218,52 @@ def photometric_launches(x, params, out, slots, rows, scratch, scratch2, sigma, 
         launches += [Launch("_triton_augment", "photometric_kernel", (n_tiles, rows.numel()), args,
                             dict(PASS=p, **const), warps) for p in (3, 2)]
     return launches
+
+
+# ----------------------------------------------------------------------------- LARS
+
+LARS_WARPS = 8
+# 8 values per thread per tensor at 8 warps (fp64: 4, the same registers): the update holds
+# three tensors' blocks; at 16 fp32 values it needed 143 registers (aot.MAX_REGISTERS is 128).
+LARS_BLOCKS = {torch.float32: 2048, torch.float64: 1024}
+
+
+def _hi_lo(x: float) -> Tuple[float, float]:
+    """``x`` as two fp32 values whose fp64 sum carries 48 bits (Triton passes floats as fp32)."""
+    hi = _f32(x)
+    return hi, _f32(x - hi)
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def lars_norms_launch(plan, g_ptrs, sq, weight_decay: float, aligned: bool) -> Launch:
+    """Per-tensor ``Σ w²`` and ``Σ (g + wd·w)²`` of one group into ``sq`` (``[2T]``, zeroed by
+    the caller: the programs add to it atomically), one program per block of the plan's table.
+
+    Args:
+        plan: the group's block table (``blk_tensor``, ``blk_offset``, ``numels``, ``w_ptrs``
+            on the device; ``dtype``, ``block``).
+        g_ptrs: the gradients' addresses, int64 ``[T]`` on the device.
+        aligned: every base address (weights, gradients) 16-byte aligned.
+    """
+    wd = _hi_lo(weight_decay)
+    return Launch(
+        "_triton_lars", "lars_norms_kernel", (plan.n_blocks,),
+        dict(blk_tensor=plan.blk_tensor, blk_offset=plan.blk_offset, numels=plan.numels, w_ptrs=plan.w_ptrs,
+             g_ptrs=g_ptrs, sq_ptr=sq, wd_hi=wd[0], wd_lo=wd[1]),
+        dict(DTYPE=_tl_dtype(plan.dtype), ALIGNED=aligned, BLOCK=plan.block), LARS_WARPS)
+
+
+def lars_update_launch(plan, g_ptrs, sq, lr: float, momentum: float, weight_decay: float, trust_coefficient: float,
+                       adapt: bool, aligned: bool) -> Launch:
+    """The momentum and weight update of one group, from the norms in ``sq`` (``adapt``) or
+    without trust ratio and weight decay (excluded group: ``sq`` unused)."""
+    lr, m, wd, eta = (_hi_lo(v) for v in (lr, momentum, weight_decay, trust_coefficient))
+    return Launch(
+        "_triton_lars", "lars_update_kernel", (plan.n_blocks,),
+        dict(blk_tensor=plan.blk_tensor, blk_offset=plan.blk_offset, numels=plan.numels, w_ptrs=plan.w_ptrs,
+             g_ptrs=g_ptrs, b_ptrs=plan.b_ptrs, sq_ptr=sq, lr_hi=lr[0], lr_lo=lr[1], m_hi=m[0], m_lo=m[1],
+             wd_hi=wd[0], wd_lo=wd[1], eta_hi=eta[0], eta_lo=eta[1]),
+        dict(DTYPE=_tl_dtype(plan.dtype), ADAPT=adapt, ALIGNED=aligned, BLOCK=plan.block), LARS_WARPS)

@@ -87,6 +87,22 @@ def main():
     if failed:
         raise SystemExit("rank %d: SyncFreeBatchNorm differs from BatchNorm on the whole batch:\n%s"
                          % (tdist.get_rank(), "\n".join(failed)))
+    # An empty shard on rank 0 (rank 1 holds the whole batch): rank 1 gets plain BatchNorm,
+    # rank 0 an empty output, both the same running statistics.
+    x = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(7)) * 2 + 5
+    ref = torch.nn.BatchNorm1d(3)
+    bn = SyncFreeBatchNorm(3)
+    mine = (x[:0] if tdist.get_rank() == 0 else x).clone().requires_grad_()
+    y = bn(mine)
+    y.square().sum().backward()
+    want = ref(x)
+    if tdist.get_rank() == 1 and not torch.allclose(y, want, atol=1e-5):
+        failed.append("empty shard on rank 0: rank 1's output differs from BatchNorm")
+    if not (torch.allclose(bn.running_mean, ref.running_mean, atol=1e-5)
+            and torch.allclose(bn.running_var, ref.running_var, atol=1e-5) and torch.isfinite(mine.grad).all()):
+        failed.append("empty shard on rank 0: running statistics or gradients differ")
+    if failed:
+        raise SystemExit("\n".join(failed))
     # A broken variant: the backward without its all-reduce must be caught.
     inner = sync_batchnorm._all_reduce_sum
     calls = {"n": 0}
@@ -102,6 +118,14 @@ def main():
     if results["dx"] or not results["y"]:
         raise SystemExit("the check did not catch a backward without its all-reduce")
     rank = tdist.get_rank()
+    # Eval without running statistics is local: rank 0 alone evaluates, on a batch of its own
+    # size; a collective there would leave it waiting for rank 1 (the test's timeout).
+    bn = SyncFreeBatchNorm(3, track_running_stats=False).eval()
+    if rank == 0:
+        x = torch.randn(5, 3, 2) * 2 + 1
+        want = torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        if not torch.allclose(bn(x), want, atol=1e-6):
+            raise SystemExit("eval without running statistics is not a local BatchNorm")
     tdist.barrier()
     tdist.destroy_process_group()
     print(f"rank {rank}: ok")

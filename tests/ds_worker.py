@@ -49,8 +49,8 @@ class FixedChunks:
     def skipped(self) -> int:
         return 0
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start = epoch, start_step
+    def set_epoch(self, epoch: int, start_micro_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, start_micro_batch
 
     def chunk(self, step_in_epoch: int, index: int) -> TwoViewBatch:
         g = torch.Generator().manual_seed(((self.epoch * 1000 + step_in_epoch) * 64 + index) * 7 + 1)
@@ -112,16 +112,18 @@ def record_syncs(trainer, record: Dict, warmup: int = 2) -> None:
 def train_on_fixed_chunks(cfg, dist, engine: str = "deepspeed", overflow_at: int = -1,
                           syncs: bool = False) -> Dict:
     """Build the trainer (DeepSpeed or local), swap in FixedChunks, fit, return the record."""
+    from fastbyol.parts import build_parts, micro_batch_size
     from fastbyol.trainer import Trainer
 
+    factory = None
     if engine == "deepspeed":
-        from fastbyol.deepspeed_engine import deepspeed_trainer
+        from fastbyol.launch import deepspeed_engine_factory
 
-        trainer = deepspeed_trainer(cfg, dist)
-    else:
-        trainer = Trainer(cfg, dist)
-    trainer.loader = FixedChunks(len(trainer.loader), trainer.micro_batch, cfg.augment.image_size, dist.rank,
-                                 dist.world_size, cfg.dist.grad_accum, trainer.device)
+        factory = deepspeed_engine_factory(cfg, dist)
+    parts = build_parts(cfg, dist, engine_factory=factory)
+    parts.loader = FixedChunks(len(parts.loader), micro_batch_size(cfg, dist), cfg.augment.image_size, dist.rank,
+                               dist.world_size, cfg.dist.grad_accum, parts.device)
+    trainer = Trainer(cfg, parts)
     record = instrument(trainer, overflow_at=overflow_at, rank=dist.rank)
     if syncs:
         record_syncs(trainer, record)
@@ -147,7 +149,7 @@ def main(argv) -> None:
     if syncs:
         args.remove("--record-syncs")
     from fastbyol.cli import build_parser, resolve_config
-    from fastbyol.launch import dist_info_from_env
+    from fastbyol.runtime import dist_info_from_env
 
     cfg = resolve_config(build_parser().parse_args(["train", *args]))
     dist = dist_info_from_env()

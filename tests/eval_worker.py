@@ -20,11 +20,12 @@ def knn_record(out: str, data: str, rank: int = 0, world: int = 1) -> dict:
     from fastbyol.config import apply_overrides, preset
     from fastbyol.data.eval_views import eval_loader
     from fastbyol.eval.features import extract_features
-    from fastbyol.trainer import DistInfo, Trainer
+    from fastbyol.runtime import DistInfo
+    from fastbyol.trainer import Trainer
 
     cfg = apply_overrides(preset("smoke"), {"data.data": data, "train.out": out, "train.kernels": "torch",
                                             "train.device": "cpu", "train.knn_k": 5})
-    trainer = Trainer(cfg, DistInfo(rank, world, rank))
+    trainer = Trainer.from_config(cfg, DistInfo(rank, world, rank))
     loader = eval_loader(trainer.train_src, cfg.augment.image_size, 7, 0, rank=rank, world_size=world)
     bank = extract_features(trainer.model.online.encoder, loader, trainer.device, cfg.augment)
     return {"knn": trainer.knn(), "feats": bank.feats, "labels": bank.labels, "index": bank.index,

@@ -57,6 +57,7 @@ def test_compiles_without_spills_in_bounds_and_vectorised(quick, key):
 def test_quick_selection_covers_every_kernel_dtype_flag():
     labels = {k.split("@")[0] for k in _QUICK if k.endswith(f"@{DEFAULT_CC}")}
     assert {x.label() for x in _EMA} <= labels  # every EMA dtype pair x momentum x alignment
+    assert {x.label() for x in aot.lars_specialisations()} <= labels  # LARS: dtype x adapt x alignment
     flags = {_shape_free(x) for x in _LOSS}
     assert flags <= {_shape_free(x) for x, cc in aot.selection("quick", CAPS) if cc == DEFAULT_CC}
     assert {k.split("@")[1] for k in _QUICK} == {str(c) for c in aot.CAPABILITIES}
@@ -247,3 +248,19 @@ def test_a_spilling_or_register_hungry_kernel_fails_the_check(quick):
     spilled = aot.Compiled("ema", DEFAULT_CC, c.registers, 0, 64, 0, c.ptx)
     assert "local memory" in aot.problems(spilled, (True, True))[0]
     assert "128-bit" in aot.problems(aot.Compiled("ema", DEFAULT_CC, 40, 0, 0, 0, "ld.global.b32"), (True, True))[0]
+
+
+def test_what_lars_launches_is_what_is_compiled(monkeypatch):
+    # fastbyol's LARS through fp32/fp64, weights and excluded, aligned or not (interpreter, tiny).
+    from fastbyol_kernels.lars import lars_step_
+
+    seen = _record_launches(monkeypatch)
+    for dtype in aot.LARS_DTYPES:
+        for offset in (0, 1):
+            for adapt in (True, False):
+                w, g, b = (torch.randn(70, dtype=dtype)[offset:] for _ in range(3))
+                lars_step_([w], [g], [b], lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coefficient=1e-3,
+                           adapt=adapt, backend="triton")
+    assert len(seen) == 2 * 2 * 3
+    missing = {_shape_free(x) for x in seen} - {_shape_free(x) for x in aot.lars_specialisations()}
+    assert not missing, missing

@@ -1,12 +1,10 @@
-"""benchmarks/bench_lars.py runs (CPU smoke mode), records real timings, and compares equal maths."""
+"""fastbyol.bench.lars runs (CPU smoke mode), records real timings, and compares equal maths."""
 import json
 import math
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-
-import bench_lars  # noqa: E402
+from fastbyol.bench import lars as bench_lars  # noqa: E402
 
 
 def test_bench_lars_smoke(tmp_path):

@@ -1,4 +1,4 @@
-"""benchmarks/bench_train.py runs in CPU smoke mode: every fastbyol mode measures a real
+"""fastbyol bench (fastbyol.bench.train) runs in CPU smoke mode: every fastbyol mode measures a real
 throughput, and each peer (lightly, byol-pytorch) is either measured or says why not."""
 import json
 import math
@@ -7,9 +7,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-
-import bench_train  # noqa: E402
+from fastbyol.bench import train as bench_train  # noqa: E402
 
 
 def test_bench_train_smoke(tmp_path):
@@ -64,7 +62,7 @@ def test_bench_train_missing_peers_are_skipped(tmp_path, monkeypatch):
 def test_bench_vs_lightly_smoke(tmp_path, monkeypatch, hide_lightly):
     """One tiny round: fastbyol's modes are measured; lightly's are measured when it is
     installed, otherwise reported as skipped and the verdict says nothing was compared."""
-    import bench_vs_lightly
+    from fastbyol.bench import vs_lightly as bench_vs_lightly
 
     if hide_lightly:
         for name in ["lightly"] + [m for m in sys.modules if m.startswith("lightly.")]:

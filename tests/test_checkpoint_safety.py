@@ -253,8 +253,8 @@ def test_deepspeed_files_are_read_with_weights_only(tmp_path):
     """DeepSpeed's own loader unpickles with weights_only=False; the engine swaps it for a safe one."""
     import types
 
-    from fastbyol.deepspeed_engine import DeepSpeedEngine
-    from fastbyol.trainer import DistInfo
+    from fastbyol.engines.deepspeed_engine import DeepSpeedEngine
+    from fastbyol.runtime import DistInfo
 
     tag = tmp_path / "deepspeed" / "step00000001"
     tag.mkdir(parents=True)

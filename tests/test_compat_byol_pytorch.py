@@ -2,7 +2,7 @@
 
 byol-pytorch, einops and kornia are test-only dependencies (``.ci/run`` installs them with
 ``--no-deps``); byol-pytorch's learner module is loaded alone (its package ``__init__`` needs
-accelerate), as ``benchmarks/bench_train.py`` does.
+accelerate), as ``fastbyol bench`` does.
 """
 import copy
 import os
@@ -23,8 +23,7 @@ README = os.path.join(os.path.dirname(__file__), "reference", "byol_pytorch_READ
 
 
 def byol_pytorch():
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    from _common import load_byol_pytorch_learner
+    from fastbyol.bench.common import load_byol_pytorch_learner
 
     try:
         return load_byol_pytorch_learner()
@@ -129,6 +128,48 @@ def test_use_momentum_false_matches_byol_pytorch():
         ref.update_moving_average()
     with pytest.raises(ValueError, match="use_momentum=False"):
         mine.update_moving_average()
+
+
+def test_target_encoder_none_resets_as_in_byol_pytorch():
+    """`learner.target_encoder = None` (byol-pytorch's reset) rebuilds the target from the online
+    network as it is at the next forward, after any optimizer step in between."""
+    bp = byol_pytorch()
+    ref, mine = pair(bp, augment_fn=nn.Identity())
+    x = torch.rand(6, 3, 16, 16)
+    opts = [torch.optim.SGD([p for p in lrn.parameters() if p.requires_grad], lr=0.5) for lrn in (ref, mine)]
+    for learner, opt in zip((ref, mine), opts):
+        learner(x).backward()
+        opt.step()
+        learner.update_moving_average()
+        learner(x).backward()
+        learner.target_encoder = None
+        assert learner.target_encoder is None
+        opt.step()  # the rebuilt target is this online network, not the one at the reset
+    assert_same_loss_and_grads(ref, mine, x)
+    online = list(mine.model.online.encoder.parameters()) + list(mine.model.online.projector.parameters())
+    for a, b, o in zip(ref.target_encoder.parameters(), mine.target_encoder.parameters(), online):
+        torch.testing.assert_close(b, a)
+        torch.testing.assert_close(b, o)
+
+
+def test_target_encoder_none_is_not_ignored():
+    torch.manual_seed(0)
+    learner = BYOL(tiny_net(), augment_fn=nn.Identity(), **KW)
+    opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        learner(torch.rand(6, 3, 16, 16)).backward()
+        opt.step()
+        opt.zero_grad()
+        learner.update_moving_average()
+    target, online = learner.model.target.encoder.net[0].weight, learner.net[0].weight
+    assert not torch.allclose(target, online)
+    learner.target_encoder = None
+    assert "target_encoder" not in learner.__dict__ and "target_encoder" not in learner._modules
+    torch.testing.assert_close(target, online)
+    learner(torch.rand(6, 3, 16, 16))
+    assert learner.target_encoder is learner.model.target
+    with pytest.raises(ValueError, match="only be set to None"):
+        learner.target_encoder = nn.Linear(2, 2)
 
 
 def test_return_embedding_matches_byol_pytorch():

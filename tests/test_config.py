@@ -51,3 +51,15 @@ def test_config_round_trips_through_dict():
     c = apply_overrides(preset("cifar10-resnet18"), {"optim.base_lr": "0.5"})
     c2 = config_from_dict(c.to_dict())
     assert c2 == c
+
+
+def test_a_field_added_after_the_checkpoint_reads_as_its_default():
+    from fastbyol.config import preset
+    from fastbyol.resume import config_differences
+
+    new = preset("smoke").to_dict()
+    old = preset("smoke").to_dict()
+    del old["dist"]["reduce_dtype"]  # a checkpoint written before the field existed
+    assert config_differences(old, new) == []
+    new["dist"]["reduce_dtype"] = "bf16"
+    assert [d[0] for d in config_differences(old, new)] == ["dist.reduce_dtype"]

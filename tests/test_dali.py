@@ -21,7 +21,8 @@ from fastbyol.data.dali import DaliTwoViewLoader, import_dali  # noqa: E402
 from fastbyol.data.dali_params import hue_rotation, jitter_matrices  # noqa: E402
 from fastbyol.data.image_source import ImageSource  # noqa: E402
 from fastbyol.data.sources import scan_image_folder  # noqa: E402
-from fastbyol.data.torch_loader import EpochShardSampler, TorchTwoViewLoader  # noqa: E402
+from fastbyol.data.batching import EpochShardSampler
+from fastbyol.data.torch_loader import TorchTwoViewLoader  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 
 from helpers import make_image_folder  # noqa: E402
@@ -309,7 +310,7 @@ def test_resume_replays_the_same_batches():
     full.set_epoch(1)
     batches = list(full)
     part = loader(src, aug, 8, seed=2)
-    part.set_epoch(1, start_step=5)
+    part.set_epoch(1, start_micro_batch=5)
     tail = list(part)
     assert len(tail) == 3
     for a, b in zip(batches[5:], tail):
@@ -318,7 +319,7 @@ def test_resume_replays_the_same_batches():
     it = iter(full)
     next(it)
     it.close()
-    full.set_epoch(1, start_step=5)
+    full.set_epoch(1, start_micro_batch=5)
     assert torch.equal(next(iter(full)).view1, batches[5].view1)
 
 
@@ -447,8 +448,7 @@ def test_missing_dali_names_the_package(monkeypatch):
 
 
 def test_benchmark_smoke(tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    import bench_pipeline
+    from fastbyol.bench import pipeline as bench_pipeline
 
     result = bench_pipeline.main(["--smoke", "--out", str(tmp_path), "--cache", str(tmp_path / "jpegs")])
     methods = {(r["case"], r["method"]) for r in result["rows"]}

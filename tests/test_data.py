@@ -7,7 +7,8 @@ import torch
 
 from fastbyol.config import preset
 from fastbyol.data.sources import load_cifar, load_source, scan_image_folder, split_holdout
-from fastbyol.data.torch_loader import EpochShardSampler, TorchTwoViewLoader
+from fastbyol.data.batching import EpochShardSampler
+from fastbyol.data.torch_loader import TorchTwoViewLoader
 from fastbyol.errors import FastByolError
 
 from helpers import add_bad_files, make_cifar_dir, make_image_folder
@@ -71,7 +72,7 @@ def test_shards_cover_the_data_once_per_epoch():
         s = EpochShardSampler(n, batch, seed=1, rank=rank, world_size=world)
         s.epoch = 3
         seen.append(list(s))
-        assert len(seen[-1]) == s.steps_per_epoch() * batch == 50
+        assert len(seen[-1]) == s.micro_batches_per_epoch() * batch == 50
     assert not set(seen[0]) & set(seen[1])
     assert len(set(seen[0]) | set(seen[1])) == 100  # the tail that fills no global batch is dropped
     s2 = EpochShardSampler(n, batch, seed=1, rank=0, world_size=world)

@@ -37,7 +37,7 @@ def _cfg(name="smoke", **over):
 
 @pytest.mark.parametrize("world,accum,precision,micro", [(1, 1, "fp32", 16), (2, 1, "bf16", 8), (2, 2, "fp16", 4)])
 def test_generated_config_derives_the_micro_batch(world, accum, precision, micro):
-    from fastbyol.deepspeed_engine import generated_config
+    from fastbyol.engines.deepspeed_config import generated_config
 
     ds = generated_config(_cfg(**{"dist.grad_accum": accum, "train.precision": precision}), world)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
@@ -47,19 +47,20 @@ def test_generated_config_derives_the_micro_batch(world, accum, precision, micro
     assert ds["zero_optimization"]["stage"] == 0
     autocast = ds.get("torch_autocast")
     assert (autocast is None) if precision == "fp32" else autocast == {
-        "enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[precision]}
+        "enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[precision],
+        "lower_precision_safe_modules": []}  # fp32 gradient reduction (tests/test_deepspeed_reduce.py)
 
 
 @pytest.mark.parametrize("world,accum,micro", [(8, 1, 512), (16, 1, 256), (16, 2, 128), (64, 1, 64)])
 def test_imagenet_preset_keeps_the_global_batch(world, accum, micro):
-    from fastbyol.deepspeed_engine import generated_config
+    from fastbyol.engines.deepspeed_config import generated_config
 
     ds = generated_config(_cfg("imagenet-resnet50", **{"dist.grad_accum": accum}), world)
     assert ds["train_batch_size"] == 4096 and ds["train_micro_batch_size_per_gpu"] == micro
 
 
 def test_indivisible_global_batch_is_refused():
-    from fastbyol.deepspeed_engine import generated_config
+    from fastbyol.engines.deepspeed_config import generated_config
 
     with pytest.raises(FastByolError, match="not divisible by world size 3"):
         generated_config(_cfg(), 3)
@@ -68,7 +69,7 @@ def test_indivisible_global_batch_is_refused():
 @pytest.mark.parametrize("key,value", [("train_batch_size", 32), ("train_micro_batch_size_per_gpu", 16),
                                        ("gradient_accumulation_steps", 2)])
 def test_user_config_batch_numbers_must_agree(key, value):
-    from fastbyol.deepspeed_engine import merge_user_config
+    from fastbyol.engines.deepspeed_config import merge_user_config
 
     with pytest.raises(FastByolError) as e:
         merge_user_config({key: value}, _cfg(), 2)
@@ -77,7 +78,7 @@ def test_user_config_batch_numbers_must_agree(key, value):
 
 
 def test_user_config_is_completed():
-    from fastbyol.deepspeed_engine import merge_user_config
+    from fastbyol.engines.deepspeed_config import merge_user_config
 
     user = {"train_batch_size": "auto", "gradient_accumulation_steps": 1, "steps_per_print": 50,
             "zero_optimization": {"stage": 1, "reduce_bucket_size": 5e7}}
@@ -99,7 +100,7 @@ def test_user_config_is_completed():
     ({"torch_autocast": {"enabled": True, "dtype": "fp16"}}, {"train.precision": "bf16"}, "disagrees"),
 ])
 def test_user_config_refusals(user, over, msg):
-    from fastbyol.deepspeed_engine import merge_user_config
+    from fastbyol.engines.deepspeed_config import merge_user_config
 
     with pytest.raises(FastByolError, match=re.escape(msg)):
         merge_user_config(user, _cfg(**over), 1)
@@ -110,7 +111,7 @@ def test_user_config_refusals(user, over, msg):
     ({"dist.zero_stage": 2, "optim.optimizer": "sgd", "train.precision": "fp16"}, "fp16 loss scaling"),
 ])
 def test_zero_refusals(over, msg):
-    from fastbyol.deepspeed_engine import generated_config
+    from fastbyol.engines.deepspeed_config import generated_config
 
     with pytest.raises(FastByolError, match=msg):
         generated_config(_cfg(**over), 2)
@@ -118,14 +119,14 @@ def test_zero_refusals(over, msg):
 
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
 def test_zero_is_allowed_with_elementwise_optimizers(opt):
-    from fastbyol.deepspeed_engine import generated_config
+    from fastbyol.engines.deepspeed_config import generated_config
 
     ds = generated_config(_cfg(**{"dist.zero_stage": 2, "optim.optimizer": opt, "train.precision": "bf16"}), 2)
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_allow_untested_optimizer"] is True
 
 
 def test_ds_config_file_errors(tmp_path):
-    from fastbyol.deepspeed_engine import deepspeed_config
+    from fastbyol.engines.deepspeed_config import deepspeed_config
 
     with pytest.raises(FastByolError, match="cannot read --dist.ds_config"):
         deepspeed_config(_cfg(**{"dist.ds_config": str(tmp_path / "missing.json")}), 1)
@@ -202,8 +203,8 @@ class _FakeDeepSpeed:
 
 @pytest.mark.parametrize("kind", ["fp16", "fp16-hooked", "zero"])
 def test_step_is_true_only_at_applied_boundaries(kind):
-    from fastbyol.deepspeed_engine import DeepSpeedEngine
-    from fastbyol.trainer import DistInfo
+    from fastbyol.engines.deepspeed_engine import DeepSpeedEngine
+    from fastbyol.runtime import DistInfo
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1) if kind == "fp16-hooked" else None
     fake = _FakeDeepSpeed(2, overflow=(3,), optimizer=opt) if kind.startswith("fp16") else _FakeDeepSpeed(2, zero_skip=(3,))
@@ -215,8 +216,8 @@ def test_step_is_true_only_at_applied_boundaries(kind):
 
 def test_resuming_a_single_process_checkpoint_is_refused(tmp_path):
     from fastbyol.checkpoint import atomic_save
-    from fastbyol.deepspeed_engine import DeepSpeedEngine
-    from fastbyol.trainer import DistInfo
+    from fastbyol.engines.deepspeed_engine import DeepSpeedEngine
+    from fastbyol.runtime import DistInfo
 
     atomic_save({"online": {}, "step": 3, "optimizer_class": "LARS"}, str(tmp_path / "checkpoint.pt"))
     eng = DeepSpeedEngine(None, None, torch.device("cpu"), "fp32", DistInfo(), False)
@@ -277,7 +278,7 @@ def test_two_ranks_with_accumulation_match_one_process_and_each_other(data_dir, 
 
     from fastbyol.checkpoint import load_checkpoint
     from fastbyol.cli import build_parser, resolve_config
-    from fastbyol.trainer import DistInfo
+    from fastbyol.runtime import DistInfo
 
     # Per-rank BatchNorm statistics (no sync): then a rank's micro-batch normalises exactly as
     # the single process's accumulation micro-batch does.

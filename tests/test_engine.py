@@ -1,7 +1,7 @@
 """LocalEngine: accumulation boundaries and fp16 overflow skips (which must not move the target)."""
 import torch
 
-from fastbyol.engine import LocalEngine
+from fastbyol.engines import LocalEngine
 from fastbyol.model import BYOL
 from fastbyol.optim import LARS, param_groups
 

@@ -152,6 +152,81 @@ def test_exported_encoder_evaluates_like_its_checkpoint(data, tmp_path, capsys):
     assert "online encoder of fastbyol checkpoint" in capsys.readouterr().out
 
 
+def _small_run_checkpoint(path):
+    """A checkpoint of the smoke preset (16 px, kNN k 10) whose settings differ from eval's old
+    guesses (224 px, k 200)."""
+    from fastbyol.checkpoint import atomic_save
+    from fastbyol.model import BYOL
+
+    torch.manual_seed(0)
+    model = BYOL("convnet4", projector_hidden=16, predictor_hidden=16, projection_dim=8)
+    atomic_save({"online": model.online.state_dict(), "config": _cfg_dict(), "step": 7}, str(path))
+    return model
+
+
+def test_export_carries_its_training_record_and_eval_uses_it(data, tmp_path, capsys):
+    from fastbyol.backbones import ConvNet4
+    from fastbyol.config import preset
+
+    model = _small_run_checkpoint(tmp_path / "ck.pt")
+    assert main(["export", str(tmp_path / "ck.pt"), str(tmp_path / "enc.pt")]) == 0
+    assert "training record" in capsys.readouterr().out
+    sd = torch.load(tmp_path / "enc.pt", weights_only=True)  # still a plain state_dict: loads strictly
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    ConvNet4().load_state_dict(sd)
+    smoke = preset("smoke")
+    record = json.load(open(tmp_path / "enc.pt.json"))
+    assert {k: record[k] for k in ("preset", "backbone", "cifar_stem", "image_size", "knn_k", "step")} == {
+        "preset": "smoke", "backbone": "convnet4", "cifar_stem": False, "image_size": smoke.augment.image_size,
+        "knn_k": smoke.train.knn_k, "step": 7}
+    assert record["mean"] == list(smoke.augment.mean) and record["std"] == list(smoke.augment.std)
+    train, val = data
+    results = {}
+    for src in ("ck.pt", "enc.pt"):  # no --image-size, no --k: both from the training
+        out = tmp_path / src[:2]
+        assert main(["eval", "knn", str(tmp_path / src), "--data", train, "--val-data", val, "--out", str(out),
+                     "--workers", "0", "--device", "cpu"]) == 0
+        line = capsys.readouterr().out.splitlines()[-2]  # the result, then "wrote ..."
+        assert line.startswith(f"kNN (k={smoke.train.knn_k}, T={smoke.train.knn_t}, "
+                               f"{smoke.augment.image_size} px, preset smoke) online encoder: top-1"), line
+        results[src] = json.load(open(out / f"knn_{'online' if src == 'ck.pt' else 'enc'}.json"))
+    a, b = results["ck.pt"], results["enc.pt"]
+    assert a["image_size"] == b["image_size"] == smoke.augment.image_size and b["preset"] == "smoke"
+    assert a["results"] == b["results"] and b["results"][0]["k"] == smoke.train.knn_k
+    assert b["encoder"]["kind"] == "fastbyol export" and b["encoder"]["step"] == 7
+
+
+def test_a_bare_state_dict_needs_its_image_size_and_preset(data, tmp_path, capsys):
+    from fastbyol.backbones import ConvNet4
+
+    torch.save(ConvNet4().state_dict(), tmp_path / "bare.pt")
+    train, val = data
+    base = [str(tmp_path / "bare.pt"), "--data", train, "--val-data", val, "--out", str(tmp_path / "o"),
+            "--workers", "0", "--device", "cpu"]
+    for cmd, extra, missing, present in (
+            ("knn", [], ["--image-size"], ["--preset"]),
+            ("linear", [], ["--image-size", "--preset"], []),
+            ("linear", ["--image-size", "16"], ["--preset"], ["--image-size"])):
+        code, err = _error(capsys, ["eval", cmd, *base, *extra])
+        _one_line(code, err, "is a state_dict without a training record")
+        assert all(m in err for m in missing) and not any(p in err for p in present), err
+    assert main(["eval", "linear", *base, "--image-size", "16", "--preset", "default", "--mode", "features",
+                 "--epochs", "1", "--lr", "0.1"]) == 0
+    assert "(features mode, encoder, 16 px, preset default, lr 0.1" in capsys.readouterr().out
+    assert main(["eval", "knn", *base, "--image-size", "16", "--k", "5"]) == 0
+    assert "kNN (k=5, T=0.1, 16 px, preset " in capsys.readouterr().out
+
+
+def test_a_stale_training_record_is_refused(tmp_path, capsys):
+    import torchvision
+
+    _small_run_checkpoint(tmp_path / "ck.pt")
+    assert main(["export", str(tmp_path / "ck.pt"), str(tmp_path / "enc.pt")]) == 0
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "enc.pt")  # overwritten by hand
+    code, err = _error(capsys, ["eval", "knn", str(tmp_path / "enc.pt"), "--image-size", "16"])
+    _one_line(code, err, "describes a convnet4")
+
+
 def _cfg_dict():
     from fastbyol.config import preset
 

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-import gpucheck  # noqa: E402
-from gpucheck.settings import PART_NAMES  # noqa: E402
+from fastbyol.bench import gpucheck  # noqa: E402
+from fastbyol.bench.gpucheck.settings import PART_NAMES  # noqa: E402
 
 
 def _count_trainer_steps(monkeypatch):
@@ -34,7 +33,8 @@ def _count_trainer_steps(monkeypatch):
 def _fastbyol_steps(result):
     """Steps the fastbyol rows say they ran (warm-up + timed), over every part."""
     return sum(r["warmup"] + r["timed_steps"] for p in result["parts"].values() for r in p.get("rows", [])
-               if str(r.get("mode", "")).startswith("fastbyol") and r.get("status") == "ok" and "warmup" in r)
+               if str(r.get("mode", "")).startswith("fastbyol") and not r["mode"].endswith("-loader")
+               and r.get("status") == "ok" and "warmup" in r)
 
 
 def _run(tmp_path, *extra):
@@ -57,10 +57,17 @@ def test_tiny_records_every_part_and_times_the_trainers_step(tmp_path, monkeypat
         assert p["status"] == "ok" or (p["status"].startswith("skipped: ") and len(p["status"]) > 12), (name, p)
     assert parts["kernels"]["status"] == "ok" and parts["kernels"]["failed"] == 0
     assert parts["syncs"]["status"].startswith("skipped: ")  # CUDA only
+    assert parts["finite"]["status"] == "ok" and parts["finite"]["failed"] == 0 and len(parts["finite"]["rows"]) == 8
     # The fastbyol rows are the product's step: one Trainer.train_micro_batch call per step they report.
     e2e = {r["mode"]: r for r in parts["e2e-r50"]["rows"]}
-    for mode in ("fastbyol", "fastbyol-synthetic", "lightly-style", "lightly-style-synthetic"):
-        assert e2e[mode]["status"] == "ok" and e2e[mode]["img_s"] > 0, e2e[mode]
+    for mode in ("fastbyol", "fastbyol-synthetic", "fastbyol-loader", "lightly-style", "lightly-style-synthetic",
+                 "lightly-style-loader"):
+        assert e2e[mode]["status"] == "ok" and e2e[mode]["img_s"] > 0 and e2e[mode]["img_s_median"] > 0, e2e[mode]
+    assert e2e["fastbyol-loader"]["details"]["step"].startswith("none")  # the loader alone
+    assert set(parts["e2e-r50"]["binds"]) >= {"fastbyol", "lightly-style"}
+    loader = parts["e2e-r50"]["loader"]
+    assert loader["shm_free_mib"] is not None and loader["workers"] <= loader["wanted_workers"]
+    assert any(r["benchmark"] == "loss@train-batch" and r["batch"] == 16 for r in parts["micro"]["rows"])
     assert "train_micro_batch" in e2e["fastbyol"]["details"]["step"]
     assert calls["n"] == _fastbyol_steps(result) > 0
     assert parts["lightly-style"]["rows"][0]["ratio"] > 0
@@ -70,7 +77,7 @@ def test_tiny_records_every_part_and_times_the_trainers_step(tmp_path, monkeypat
 
 def test_the_step_count_catches_a_copied_step(tmp_path, monkeypatch):
     """A runner that times its own copy of the step (what bench_train did before) is caught."""
-    import trainbench.fastbyol_runner as fr
+    import fastbyol.bench.train.fastbyol_runner as fr
 
     def copied_step(self, batch):  # forward, backward, optimizer, EMA: not the trainer's method
         tr = self.trainer
@@ -125,7 +132,7 @@ def test_runs_from_a_plain_checkout_with_nothing_installed(tmp_path):
 
 
 def test_a_failing_part_is_a_row_and_the_rest_still_run(tmp_path, monkeypatch):
-    from gpucheck import run
+    from fastbyol.bench.gpucheck import run
 
     def broken(pc):
         raise RuntimeError("boom")
@@ -140,7 +147,7 @@ def test_a_failing_part_is_a_row_and_the_rest_still_run(tmp_path, monkeypatch):
 def test_a_part_past_its_cap_is_killed_and_reported(tmp_path):
     import argparse
 
-    from gpucheck import run
+    from fastbyol.bench.gpucheck import run
 
     args = argparse.Namespace(tiny=True, cache=None)
     res = run._spawn_part("kernels", args, cap=2, scratch=str(tmp_path))  # the child cannot even import torch in 2 s
@@ -156,7 +163,7 @@ def test_the_lightly_style_loop_computes_what_lightly_does():
     from lightly.models.modules import BYOLProjectionHead
     from lightly.utils.scheduler import cosine_schedule
 
-    from trainbench import lightly_style as ls
+    from fastbyol.bench.train import lightly_style as ls
 
     torch.manual_seed(0)
     ours, theirs = ls.projection_head(24, 40, 8), BYOLProjectionHead(24, 40, 8)
@@ -181,7 +188,7 @@ def test_sync_counting_counts_the_sync_warnings(monkeypatch):
     (the CUDA calls themselves are stubbed: this machine has none)."""
     import warnings
 
-    from gpucheck import train
+    from fastbyol.bench.gpucheck import train
 
     modes = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
@@ -195,3 +202,42 @@ def test_sync_counting_counts_the_sync_warnings(monkeypatch):
     assert modes == ["warn", "default"]
     assert r["syncs"] == 4 and r["per_step"] == 1.0 and sum(r["where"].values()) == 4
     assert train.count_syncs(lambda: None, 3)["per_step"] == 0
+
+
+def test_loader_workers_shrink_to_what_dev_shm_holds(tmp_path):
+    """A 64 MB /dev/shm cannot hold 16 workers x 4 prefetch x 77 MB batches: fewer workers, said
+    in a note, instead of a bus error; timed steps cover at least 3 x workers x prefetch batches."""
+    from fastbyol.bench.gpucheck.settings import loader_budget, sustained_steps
+
+    free = os.statvfs(str(tmp_path)).f_bavail * os.statvfs(str(tmp_path)).f_frsize
+    batch = 256 * 2 * 3 * 224 * 224  # uint8 views, ResNet-50
+    b = loader_budget(16, 4, batch, shm=str(tmp_path))
+    assert b["workers"] == min(16, min(free, b["mem_available_gib"] * 2 ** 30) // 2 // (4 * batch))
+    huge = loader_budget(16, 4, free, shm=str(tmp_path))  # one batch the size of the free space
+    assert huge["workers"] == 0 and "16 -> 0" in huge["note"] and huge["shm_free_mib"] > 0
+    assert loader_budget(0, 4, batch, shm=str(tmp_path))["note"] is None
+    assert sustained_steps(15, 16, 4) == 192 and sustained_steps(15, 0, 4) == 15
+
+
+def test_the_finite_part_fails_a_guard_that_misses(monkeypatch):
+    """An L2-norm guard (overflows on a huge finite value) is caught by part g."""
+    import types
+
+    from fastbyol.bench.gpucheck import finite_check
+
+    monkeypatch.setattr(finite_check, "nonfinite_flag",
+                        lambda named: ~torch.isfinite(torch.stack([t.float().norm() for _, t in named])).all())
+    pc = types.SimpleNamespace(device=torch.device("cpu"), settings=types.SimpleNamespace(tiny=True),
+                               save=lambda partial: None)
+    res = finite_check.part_finite(pc)
+    assert res["failed"] == 2 and {r["injected"] for r in res["rows"] if r["result"] == "FAIL"} == {"huge finite"}
+
+
+def test_sustained_score_is_images_over_the_windows_wall_clock():
+    """Three fast steps on prefetched batches and one slow one: the median says 100 img/s, the
+    window's wall clock (what the loader sustains) 40 / 1.3 s."""
+    from fastbyol.bench.train.timing import summarise
+
+    r = summarise([0.1, 0.1, 0.1, 1.0], [1.3], 10, score="wall")
+    assert r["img_s"] == pytest.approx(40 / 1.3) and r["img_s_median"] == pytest.approx(100)
+    assert summarise([0.1, 0.1, 0.1, 1.0], [1.3], 10)["img_s"] == pytest.approx(100)  # fastbyol bench's default

@@ -24,7 +24,7 @@ def _trainer(data_dir, out, precision, **over):
     apply_overrides(cfg, {"data.data": data_dir, "data.loader": "torch", "train.device": "cpu", "train.out": str(out), "train.kernels": "triton",
                           "train.knn_every": 0, "train.precision": precision, "dist.grad_accum": 2,
                           "train.batch_size": 8, **over})
-    return Trainer(cfg)
+    return Trainer.from_config(cfg)
 
 
 def steady_state_syncs(trainer, micro_batches=6, warmup=2):
@@ -108,7 +108,7 @@ def test_generated_deepspeed_config_turns_the_synchronising_timer_off():
     from deepspeed.utils.config import get_timers_config
     from deepspeed.utils.timer import ThroughputTimer
 
-    from fastbyol.deepspeed_engine import generated_config
+    from fastbyol.engines.deepspeed_config import generated_config
 
     def syncs_of(ds_config):
         timer = ThroughputTimer(get_timers_config(ds_config), batch_size=4, start_step=0)

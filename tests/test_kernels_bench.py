@@ -4,10 +4,8 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-
-import bench_ema  # noqa: E402
-import bench_loss  # noqa: E402
+from fastbyol.bench import ema as bench_ema  # noqa: E402
+from fastbyol.bench import loss as bench_loss  # noqa: E402
 
 
 def _check(result, path):

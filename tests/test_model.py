@@ -124,7 +124,7 @@ def test_memory_format_choice(preset_name, device, choice, expected):
 def test_imagenet_stem_at_32px_stays_contiguous_on_cpu_and_knn_inputs_follow():
     from fastbyol.backbones import memory_format, memory_format_of
     from fastbyol.config import preset
-    from fastbyol.trainer import build_model
+    from fastbyol.parts import build_model
 
     cfg = preset("cifar10-resnet18")
     cfg.model.cifar_stem = False  # first maps 8x8 at 32 px

@@ -35,7 +35,7 @@ def mostly_corrupt(tmp_path_factory):
 def _expected_substitutions(cfg, epochs):
     """How many of the samples the two ranks' shards use are bad, summed over ranks and epochs."""
     from fastbyol.data import resolve_sources
-    from fastbyol.data.torch_loader import EpochShardSampler
+    from fastbyol.data.batching import EpochShardSampler
 
     train, _ = resolve_sources(cfg)
     bad = np.array(["bad" in os.path.basename(f) for f in train.files])

@@ -88,3 +88,54 @@ def test_variance_survives_a_large_mean(one_rank_group):
     bn = SyncFreeBatchNorm(4, momentum=1.0)  # running_var = this batch's unbiased variance
     bn(x)
     torch.testing.assert_close(bn.running_var.double(), truth, rtol=1e-5, atol=0)
+
+
+def test_eval_without_running_statistics_is_local_and_does_not_all_reduce(one_rank_group, monkeypatch):
+    """nn.SyncBatchNorm's rule: only training synchronises. An eval-mode layer without running
+    statistics normalises by its own batch; a collective there hangs when ranks differ
+    (tests/bn_worker.py runs that on two ranks)."""
+    from fastbyol import sync_batchnorm
+
+    def refuse(t):
+        raise AssertionError("eval mode all-reduced")
+
+    bn = SyncFreeBatchNorm(3, track_running_stats=False).eval()
+    monkeypatch.setattr(sync_batchnorm, "_all_reduce_sum", refuse)
+    x = torch.randn(5, 3, 4) * 2 + 1
+    torch.testing.assert_close(bn(x), nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("param_dtype", [torch.float32, "same"])
+def test_low_precision_inputs(one_rank_group, dtype, param_dtype):
+    """bf16/fp16 data (autocast: fp32 parameters; or a model cast whole): statistics and
+    maths in fp32, output and input gradient in the data's dtype, parameter gradients in the
+    parameters' dtype, running statistics as fp32 BatchNorm on the upcast data."""
+    torch.manual_seed(1)
+    param_dtype = dtype if param_dtype == "same" else param_dtype
+    ref = nn.BatchNorm2d(4)
+    bn = convert_to_sync_free(nn.BatchNorm2d(4)).to(param_dtype)
+    bn.load_state_dict(ref.state_dict())
+    x = (torch.randn(6, 4, 3, 3) * 2 + 3).to(dtype)
+    dy = torch.randn(6, 4, 3, 3).to(dtype)
+    xr, xb = x.float().requires_grad_(), x.clone().requires_grad_()
+    y, yb = ref(xr), bn(xb)
+    (y * dy.float()).sum().backward()
+    (yb * dy).sum().backward()
+    assert yb.dtype == xb.grad.dtype == dtype and bn.weight.grad.dtype == param_dtype
+    tol = dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(yb.float(), y, **tol)
+    torch.testing.assert_close(xb.grad.float(), xr.grad, **tol)
+    torch.testing.assert_close(bn.weight.grad.float(), ref.weight.grad, **tol)
+    torch.testing.assert_close(bn.running_var.float(), ref.running_var, **tol)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_forward_and_backward_do_not_sync_the_host(one_rank_group, momentum):
+    from fastbyol.host_sync import record_host_syncs
+
+    bn = SyncFreeBatchNorm(3, momentum=momentum)
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    with record_host_syncs() as syncs:
+        bn(x).square().sum().backward()
+    assert [str(s) for s in syncs] == []

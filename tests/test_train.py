@@ -16,8 +16,13 @@ def data_dir(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("data") / "imgs", classes=2, per_class=20)
 
 
-def test_train_writes_checkpoint_metrics_and_plot(data_dir, tmp_path, capsys):
+def test_train_writes_checkpoint_metrics_and_plot(data_dir, tmp_path, capsys, caplog):
+    caplog.set_level("INFO", logger="fastbyol")
     assert main(smoke_args(data_dir, tmp_path / "run", "--max-steps", "3", "--train.knn_every", "1")) == 0
+    header = caplog.records[0].getMessage()  # the first log line names what runs where
+    for part in ("preset smoke", "device cpu", "world size 1", "precision fp32", f"data {data_dir} (36 images",
+                 "16 px", "global batch 16"):
+        assert part in header, header
     out = capsys.readouterr().out
     assert "loss" in out and "img/s" in out and "eta" in out and "kNN top-1" in out
     ckpt = load_checkpoint(str(tmp_path / "run"))
@@ -58,6 +63,7 @@ def test_export_loads_into_torchvision(tmp_path):
     sd = torch.load(tmp_path / "enc.pt")
     res = torchvision.models.resnet50().load_state_dict(sd, strict=False)
     assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and res.unexpected_keys == []
+    assert not os.path.exists(tmp_path / "enc.pt.json")  # no config in the checkpoint: no training record
 
 
 def test_cifar_batches_train(tmp_path):
@@ -99,7 +105,23 @@ def test_bad_config(capsys, argv, msg):
 
 def test_batch_larger_than_dataset(data_dir, tmp_path, capsys):
     code, err = _error(capsys, smoke_args(data_dir, tmp_path / "run", "--batch-size", "512"))
-    assert code == 2 and "larger than the data set" in err
+    assert code == 2 and "train.batch_size 512 (preset smoke) is larger than the data set (36 images" in err
+
+
+def test_image_folder_preset_is_said_and_a_small_set_fails_cleanly(tmp_path, capsys, caplog):
+    """A folder gets imagenet-resnet50: the first log line says so and names --preset; a data set
+    smaller than its batch fails naming the preset and the presets that fit, leaving no --out."""
+    caplog.set_level("INFO", logger="fastbyol")
+    folder = make_image_folder(tmp_path / "small", classes=2, per_class=40, size=(12, 12))
+    out = tmp_path / "runs" / "run"
+    code, err = _error(capsys, ["train", "--data", folder, "--out", str(out)])
+    first = caplog.records[0].getMessage()
+    assert first.startswith("preset imagenet-resnet50") and "--preset default" in first and "224 px" in first
+    _, msg = err.split("error: ")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert msg.startswith("train.batch_size 4096 (preset imagenet-resnet50) is larger than the data set (72 images")
+    assert "--preset default (batch 64, 32 px" in msg and "cifar10-resnet18" not in msg  # batch 256 > 72
+    assert not os.path.exists(out) and not os.path.exists(tmp_path / "runs")
 
 
 def test_unwritable_out(data_dir, tmp_path, capsys):
@@ -138,12 +160,18 @@ def test_resume_with_another_optimizer_is_refused(data_dir, tmp_path, capsys):
     assert code == 2 and "trained with LARS" in err
 
 
-def test_help_documents_every_field(capsys):
+def test_help_documents_every_field(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0
     assert "--optim.base_lr" in out and "global_batch / 256" in out and "--augment.view2.solarize_p" in out
+    assert "Defaults depend on the preset" in " ".join(out.split())
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if "--train.batch_size INT, --batch-size INT" in line)
+    batch = " ".join(lines[at:at + 2])  # the help follows on the next line
+    assert batch.endswith("(default: 64; cifar10-resnet18: 256, imagenet-resnet50: 4096, smoke: 16)"), batch
 
 
 def test_all_images_unreadable(tmp_path, capsys):

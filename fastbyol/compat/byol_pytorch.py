@@ -25,6 +25,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.distributed as tdist
 from torch import nn
+from torch.optim import Adam
 from torch.utils.data import Dataset
 
 from fastbyol_kernels import byol_loss
@@ -33,6 +34,7 @@ from ..batch_views import TwoViews
 from ..config import AugmentConfig
 from ..model import BYOL as FastBYOL
 from ..sync_batchnorm import convert_to_sync_free
+from .byol_pytorch_trainer import check_steps, dataset_trainer, fit, precision_of
 
 __all__ = ["BYOL", "BYOLTrainer", "MockDataset", "default_augment_config"]
 
@@ -155,6 +157,7 @@ class BYOL(nn.Module):
         self.augment1, self.augment2 = augment_fn, augment_fn2 if augment_fn2 is not None else augment_fn
         self.default_views = TwoViews(default_augment_config(image_size))
         self._input_hw = None
+        self._target_reset = False  # reset, not yet re-copied by a training forward (byol-pytorch's lazy target)
 
     # ------------------------------------------------------------------ byol-pytorch's API
     @property
@@ -174,6 +177,7 @@ class BYOL(nn.Module):
                 if not return_projection:
                     return representation
                 return online.projector(representation), representation
+        self._copy_reset_target()
         v1, v2 = self.views(x)
         with self._size_errors(v1):
             return self.model(v1, v2).loss
@@ -189,6 +193,7 @@ class BYOL(nn.Module):
     def training_views(self, x: torch.Tensor, keys=None):
         """:meth:`views` after the input checks (the trainer's data path calls this)."""
         self._check_images(x)
+        self._copy_reset_target()
         return self.views(x, keys)
 
     @torch.no_grad()
@@ -198,14 +203,45 @@ class BYOL(nn.Module):
         if not self.use_momentum:
             raise ValueError("update_moving_average: there is no moving average with use_momentum=False "
                              "(the target is the online network)")
+        self._copy_reset_target()
         self.model.update_target(self.moving_average_decay, buffers="none", backend=self.kernels)
 
     @torch.no_grad()
     def reset_moving_average(self) -> None:
-        """The target becomes a copy of the online encoder and projector again."""
+        """The target becomes a copy of the online encoder and projector again: now, and once
+        more at the next training forward (byol-pytorch deletes its target and rebuilds it there,
+        from the online network as it is then; ``target_encoder`` is ``None`` until then)."""
         if self.model.target is not None:
-            self.model.target.encoder.load_state_dict(self.model.online.encoder.state_dict())
-            self.model.target.projector.load_state_dict(self.model.online.projector.state_dict())
+            self._copy_online_to_target()
+            self._target_reset = True
+
+    @property
+    def target_encoder(self) -> Optional[nn.Module]:
+        """The target encoder and projector (byol-pytorch's ``target_encoder``); ``None`` with
+        ``use_momentum=False``, and after a reset until the next training forward, as there."""
+        return None if self._target_reset else self.model.target
+
+    def __setattr__(self, name: str, value) -> None:
+        # byol-pytorch code resets the target with `learner.target_encoder = None` (its
+        # reset_moving_average does exactly that); nn.Module.__setattr__ would store the None
+        # (or register a module) beside the real target and change nothing.
+        if name == "target_encoder":
+            if value is not None:
+                raise ValueError("target_encoder can only be set to None (a reset: the target becomes a copy of "
+                                 f"the online network); got a {type(value).__name__}")
+            self.reset_moving_average()
+            return
+        super().__setattr__(name, value)
+
+    def _copy_online_to_target(self) -> None:
+        self.model.target.encoder.load_state_dict(self.model.online.encoder.state_dict())
+        self.model.target.projector.load_state_dict(self.model.online.projector.state_dict())
+
+    @torch.no_grad()
+    def _copy_reset_target(self) -> None:
+        if self._target_reset:
+            self._copy_online_to_target()
+            self._target_reset = False
 
     # ------------------------------------------------------------------ checks
     def _check_images(self, x) -> None:
@@ -280,4 +316,54 @@ class MockDataset(Dataset):
         return torch.randn(3, self.image_size, self.image_size, generator=g)
 
 
-from .byol_pytorch_trainer import BYOLTrainer  # noqa: E402  (it builds on BYOL above)
+class BYOLTrainer:
+    """Train ``net`` with BYOL on ``dataset`` (byol-pytorch's trainer, argument for argument), on
+    fastbyol's trainer instead of accelerate (:mod:`~fastbyol.compat.byol_pytorch_trainer`).
+
+    Args:
+        net, image_size, hidden_layer, byol_kwargs: the learner (:class:`BYOL`).
+        learning_rate, optimizer_klass, optimizer_kwargs: the optimizer, built over the online
+            network (encoder, projector, predictor) with a constant learning rate.
+        dataset: a map-style Dataset of image tensors / PIL images / ``(image, ...)`` tuples.
+        num_train_steps: optimizer steps; batch_size: the global batch (full batches only).
+        checkpoint_every, checkpoint_folder: every that many steps (and at the end), the
+            network's weights go to ``<folder>/checkpoint.<n>.pt`` and fastbyol's resumable state
+            to ``<folder>/checkpoint.pt``.
+        accelerator_kwargs: only ``mixed_precision`` (``no|bf16|fp16``) has a meaning here.
+        resume: ``True`` (from ``<folder>/checkpoint.pt``) or a checkpoint path: continue an
+            interrupted run exactly where it stopped.
+        seed, device, log_every, workers: fastbyol's ``train.seed``, ``train.device``,
+            ``train.log_every`` and ``data.workers``.
+
+    ``trainer()`` runs and returns fastbyol's run summary. Launched by ``deepspeed`` or
+    ``torchrun`` on several ranks, it runs on fastbyol's DeepSpeed engine (the batch is split
+    over the ranks).
+    """
+
+    def __init__(self, net: nn.Module, *, image_size: int, hidden_layer, learning_rate: float,
+                 dataset: Dataset, num_train_steps: int, batch_size: int = 16, optimizer_klass=Adam,
+                 checkpoint_every: int = 1000, checkpoint_folder: str = "./checkpoints",
+                 byol_kwargs: Optional[dict] = None, optimizer_kwargs: Optional[dict] = None,
+                 accelerator_kwargs: Optional[dict] = None, resume=False, seed: int = 0, device: str = "auto",
+                 log_every: int = 10, workers: int = 0):
+        precision = precision_of(accelerator_kwargs)
+        check_steps(num_train_steps, checkpoint_every, batch_size)
+        self.net = net
+        self.byol = BYOL(net, image_size=image_size, hidden_layer=hidden_layer, **(byol_kwargs or {}))
+        opt_kwargs = dict(optimizer_kwargs or {})
+
+        def optimizer(params):
+            return optimizer_klass(params, lr=learning_rate, **opt_kwargs)
+
+        self.trainer = dataset_trainer(
+            self.byol, dataset, learning_rate=learning_rate, num_train_steps=num_train_steps,
+            batch_size=batch_size, optimizer=optimizer, checkpoint_every=checkpoint_every,
+            checkpoint_folder=checkpoint_folder, precision=precision, resume=resume, seed=seed, device=device,
+            log_every=log_every, workers=workers)
+        self.optimizer = self.trainer.engine.optimizer
+
+    def __call__(self) -> dict:
+        """Train for ``num_train_steps`` (from the resumed step on); the run summary."""
+        return fit(self.trainer)
+
+    forward = __call__

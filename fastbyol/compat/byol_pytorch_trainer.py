@@ -1,47 +1,37 @@
-"""byol-pytorch's ``BYOLTrainer`` on fastbyol's :class:`~fastbyol.trainer.Trainer` instead of
-accelerate: the same arguments, plus checkpoints that resume exactly, progress lines,
-``metrics.jsonl`` and a loss curve, and DeepSpeed when launched on several ranks."""
+"""fastbyol's :class:`~fastbyol.trainer.Trainer` around a ready byol-pytorch learner and a user's
+Dataset, for :class:`fastbyol.compat.byol_pytorch.BYOLTrainer` (instead of accelerate): checkpoints
+that resume exactly, progress lines, ``metrics.jsonl``, a loss curve, and DeepSpeed when launched
+on several ranks. The learner is duck-typed (``model``, ``net``, ``training_views``,
+``moving_average_decay``, ``use_momentum``, ``kernels``), so this module sits below the one that
+defines it."""
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
-import torch
-from torch.optim import Adam
 from torch.utils.data import Dataset
 
 from ..checkpoint import atomic_save
 from ..config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from ..data.torch_dataset import DatasetTwoViewLoader
-from ..engine import LocalEngine
-from ..launch import dist_info_from_env
-from ..trainer import DistInfo, Trainer
-from .byol_pytorch import BYOL
+from ..distributed import close_process_group
+from ..engines import LocalEngine
+from ..launch import deepspeed_engine_factory
+from ..parts import TrainerParts, build_parts
+from ..runtime import dist_info_from_env
+from ..trainer import Trainer
 
 PRECISIONS = {"no": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
-class _DatasetTrainer(Trainer):
-    """The fastbyol loop around a ready learner and a user Dataset, with byol-pytorch's
-    constant learning rate and EMA factor, and step-based checkpoints."""
+class DatasetTrainer(Trainer):
+    """The fastbyol loop with byol-pytorch's constant learning rate and EMA factor, and
+    step-based checkpoints of the user's network next to fastbyol's resumable one."""
 
-    def __init__(self, cfg: Config, dist: DistInfo, learner: BYOL, dataset: Dataset, learning_rate: float,
-                 checkpoint_every: int, engine_factory=None):
-        self.learner, self.dataset = learner, dataset
-        self.learning_rate, self.checkpoint_every = learning_rate, checkpoint_every
-        super().__init__(cfg, dist, engine_factory=engine_factory)
+    def __init__(self, cfg: Config, parts: TrainerParts, learner, learning_rate: float, checkpoint_every: int):
+        super().__init__(cfg, parts)
+        self.learner, self.learning_rate, self.checkpoint_every = learner, learning_rate, checkpoint_every
         self.monitor.total_steps = self.stop_step  # progress counts num_train_steps, not whole epochs
-
-    def sources(self):
-        return self.dataset, None
-
-    def train_loader(self):
-        return DatasetTwoViewLoader(self.dataset, self.learner.training_views, self.micro_batch, self.device,
-                                    self.cfg.train.seed, self.dist.rank, self.dist.world_size, self.cfg.data.workers)
-
-    def build_model(self):
-        self.learner.to(self.device)  # the user's network moves with it, in place
-        return self.learner.model
 
     def lr_at(self, step: int) -> float:
         return self.learning_rate
@@ -64,98 +54,79 @@ class _DatasetTrainer(Trainer):
             atomic_save(self.learner.net.state_dict(), os.path.join(self.cfg.train.out, f"checkpoint.{k}.pt"))
 
 
-class BYOLTrainer:
-    """Train ``net`` with BYOL on ``dataset`` (byol-pytorch's trainer, argument for argument).
+def precision_of(accelerator_kwargs: Optional[dict]) -> str:
+    """fastbyol's ``train.precision`` for accelerate's ``mixed_precision``, the one accelerator
+    argument with a meaning here."""
+    accelerator_kwargs = dict(accelerator_kwargs or {})
+    accelerator_kwargs.pop("kwargs_handlers", None)
+    mixed = accelerator_kwargs.pop("mixed_precision", "no")
+    if accelerator_kwargs:
+        raise ValueError(f"BYOLTrainer: accelerator_kwargs {', '.join(sorted(accelerator_kwargs))} have no "
+                         "fastbyol equivalent (only mixed_precision)")
+    if mixed not in PRECISIONS:
+        raise ValueError(f"BYOLTrainer: mixed_precision must be one of {', '.join(PRECISIONS)}, got {mixed!r}")
+    return PRECISIONS[mixed]
 
-    Args:
-        net, image_size, hidden_layer, byol_kwargs: the learner (:class:`BYOL`).
-        learning_rate, optimizer_klass, optimizer_kwargs: the optimizer, built over the online
-            network (encoder, projector, predictor) with a constant learning rate.
-        dataset: a map-style Dataset of image tensors / PIL images / ``(image, ...)`` tuples.
-        num_train_steps: optimizer steps; batch_size: the global batch (full batches only).
-        checkpoint_every, checkpoint_folder: every that many steps (and at the end), the
-            network's weights go to ``<folder>/checkpoint.<n>.pt`` and fastbyol's resumable state
-            to ``<folder>/checkpoint.pt``.
-        accelerator_kwargs: only ``mixed_precision`` (``no|bf16|fp16``) has a meaning here.
-        resume: ``True`` (from ``<folder>/checkpoint.pt``) or a checkpoint path: continue an
-            interrupted run exactly where it stopped.
-        seed, device, log_every, workers: fastbyol's ``train.seed``, ``train.device``,
-            ``train.log_every`` and ``data.workers``.
 
-    ``trainer()`` runs and returns fastbyol's run summary. Launched by ``deepspeed`` or
-    ``torchrun`` on several ranks, it runs on fastbyol's DeepSpeed engine (the batch is split
-    over the ranks).
-    """
+def check_steps(num_train_steps, checkpoint_every, batch_size) -> None:
+    for name, value in (("num_train_steps", num_train_steps), ("checkpoint_every", checkpoint_every)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"BYOLTrainer: {name} must be a positive int, got {value!r}")
+    if not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"BYOLTrainer: batch_size must be >= 2 (BatchNorm), got {batch_size!r}")
 
-    def __init__(self, net: torch.nn.Module, *, image_size: int, hidden_layer, learning_rate: float,
-                 dataset: Dataset, num_train_steps: int, batch_size: int = 16, optimizer_klass=Adam,
-                 checkpoint_every: int = 1000, checkpoint_folder: str = "./checkpoints",
-                 byol_kwargs: Optional[dict] = None, optimizer_kwargs: Optional[dict] = None,
-                 accelerator_kwargs: Optional[dict] = None, resume=False, seed: int = 0, device: str = "auto",
-                 log_every: int = 10, workers: int = 0):
-        accelerator_kwargs = dict(accelerator_kwargs or {})
-        accelerator_kwargs.pop("kwargs_handlers", None)
-        mixed = accelerator_kwargs.pop("mixed_precision", "no")
-        if accelerator_kwargs:
-            raise ValueError(f"BYOLTrainer: accelerator_kwargs {', '.join(sorted(accelerator_kwargs))} have no "
-                             "fastbyol equivalent (only mixed_precision)")
-        if mixed not in PRECISIONS:
-            raise ValueError(f"BYOLTrainer: mixed_precision must be one of {', '.join(PRECISIONS)}, got {mixed!r}")
-        for name, value in (("num_train_steps", num_train_steps), ("checkpoint_every", checkpoint_every)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"BYOLTrainer: {name} must be a positive int, got {value!r}")
-        if not isinstance(batch_size, int) or batch_size < 2:
-            raise ValueError(f"BYOLTrainer: batch_size must be >= 2 (BatchNorm), got {batch_size!r}")
-        self.net = net
-        self.byol = BYOL(net, image_size=image_size, hidden_layer=hidden_layer, **(byol_kwargs or {}))
-        dist = dist_info_from_env()
-        steps_per_epoch = len(dataset) // batch_size
-        if steps_per_epoch < 1:
-            raise ValueError(f"BYOLTrainer: batch size {batch_size} is larger than the data set "
-                             f"({len(dataset)} images)")
-        if resume is True:
-            resume = checkpoint_folder
-        cfg = Config(
-            preset="byol-pytorch",
-            model=ModelConfig(projection_dim=self.byol.model.online.predictor[-1].out_features,
-                              use_momentum=self.byol.use_momentum),
-            optim=OptimConfig(base_lr=learning_rate, tau_base=self.byol.moving_average_decay, warmup_epochs=0),
-            train=TrainConfig(batch_size=batch_size, epochs=-(-num_train_steps // steps_per_epoch),
-                              max_steps=num_train_steps, precision=PRECISIONS[mixed], seed=seed,
-                              out=str(checkpoint_folder), resume=resume or None, device=device, log_every=log_every,
-                              ckpt_every=0, knn_every=0, kernels=self.byol.kernels,
-                              # lr and tau are constant here: the epoch count only says how long to
-                              # run, so a resume may train for more steps than the first run asked.
-                              resume_override="train.epochs"),
-            data=DataConfig(workers=workers),
-        )
-        opt_kwargs = dict(optimizer_kwargs or {})
 
-        def optimizer(params):
-            return optimizer_klass(params, lr=learning_rate, **opt_kwargs)
+def dataset_trainer(learner, dataset: Dataset, *, learning_rate: float, num_train_steps: int, batch_size: int,
+                    optimizer: Callable, checkpoint_every: int, checkpoint_folder: str, precision: str,
+                    resume, seed: int, device: str, log_every: int, workers: int) -> DatasetTrainer:
+    """The trainer of ``learner`` on ``dataset``: its parts (the user's Dataset, the learner's
+    views and model, ``optimizer(params)`` on the local or DeepSpeed engine) and its config."""
+    dist = dist_info_from_env()
+    steps_per_epoch = len(dataset) // batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"BYOLTrainer: batch size {batch_size} is larger than the data set "
+                         f"({len(dataset)} images)")
+    if resume is True:
+        resume = checkpoint_folder
+    cfg = Config(
+        preset="byol-pytorch",
+        model=ModelConfig(projection_dim=learner.model.online.predictor[-1].out_features,
+                          use_momentum=learner.use_momentum),
+        optim=OptimConfig(base_lr=learning_rate, tau_base=learner.moving_average_decay, warmup_epochs=0),
+        train=TrainConfig(batch_size=batch_size, epochs=-(-num_train_steps // steps_per_epoch),
+                          max_steps=num_train_steps, precision=precision, seed=seed,
+                          out=str(checkpoint_folder), resume=resume or None, device=device, log_every=log_every,
+                          ckpt_every=0, knn_every=0, kernels=learner.kernels,
+                          # lr and tau are constant here: the epoch count only says how long to
+                          # run, so a resume may train for more steps than the first run asked.
+                          resume_override="train.epochs"),
+        data=DataConfig(workers=workers),
+    )
+    if dist.world_size > 1:
+        engine_factory = deepspeed_engine_factory(cfg, dist, optimizer_factory=optimizer)
+    else:
+        def engine_factory(model, cfg, device, dist):
+            return LocalEngine(model.online, optimizer(model.online.parameters()), device, cfg.train.precision,
+                               cfg.dist.grad_accum, cfg.train.compile)
 
-        if dist.world_size > 1:
-            from ..deepspeed_engine import deepspeed_trainer
+    def loader(source, micro_batch, device, dist):
+        return DatasetTwoViewLoader(source, learner.training_views, micro_batch, device, cfg.train.seed,
+                                    dist.rank, dist.world_size, cfg.data.workers)
 
-            self.trainer = deepspeed_trainer(cfg, dist, trainer_cls=_DatasetTrainer, optimizer_factory=optimizer,
-                                             learner=self.byol, dataset=dataset, learning_rate=learning_rate,
-                                             checkpoint_every=checkpoint_every)
-        else:
-            def local_engine(model, cfg, device, dist):
-                return LocalEngine(model.online, optimizer(model.online.parameters()), device, cfg.train.precision,
-                                   cfg.dist.grad_accum, cfg.train.compile)
+    def model(device):
+        learner.to(device)  # the user's network moves with it, in place
+        return learner.model
 
-            self.trainer = _DatasetTrainer(cfg, dist, self.byol, dataset, learning_rate, checkpoint_every,
-                                           engine_factory=local_engine)
-        self.optimizer = self.trainer.engine.optimizer
+    # The user's network, Dataset and optimizer are not in a Config: no config.yaml could rerun this.
+    parts = build_parts(cfg, dist, sources=(dataset, None), loader_factory=loader, model_factory=model,
+                        engine_factory=engine_factory, data_description=f"a {type(dataset).__name__}",
+                        rerunnable=False)
+    return DatasetTrainer(cfg, parts, learner, learning_rate, checkpoint_every)
 
-    def __call__(self) -> dict:
-        """Train for ``num_train_steps`` (from the resumed step on); the run summary."""
-        summary = self.trainer.fit()
-        if self.trainer.dist.world_size > 1:
-            from ..distributed import close_process_group
 
-            close_process_group()
-        return summary
-
-    forward = __call__
+def fit(trainer: Trainer) -> dict:
+    """Train; on several ranks, leave the process group afterwards. The run summary."""
+    summary = trainer.fit()
+    if trainer.dist.world_size > 1:
+        close_process_group()
+    return summary

@@ -22,9 +22,10 @@ class TwoViewBatch:
 class TwoViewLoader(Protocol):
     """What the trainer needs from a training data path.
 
-    * ``len(loader)``: optimizer steps per epoch for this rank (full batches only).
-    * ``set_epoch(epoch, start_step)``: the next ``iter`` yields epoch ``epoch`` from its
-      batch ``start_step`` on (exact resume); shuffling is a function of (seed, epoch).
+    * ``len(loader)``: micro-batches per epoch for this rank (full batches only); the trainer
+      takes ``dist.grad_accum`` of them per optimizer step.
+    * ``set_epoch(epoch, start_micro_batch)``: the next ``iter`` yields epoch ``epoch`` from its
+      micro-batch ``start_micro_batch`` on (exact resume); shuffling is a function of (seed, epoch).
     * ``skipped``: number of samples so far replaced by a stand-in because their file is
       unreadable (:mod:`~fastbyol.data.substitute`; counted, logged, never fatal). Batches are
       always full, so every rank runs the same number of equal-sized micro-batches.
@@ -34,7 +35,7 @@ class TwoViewLoader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None: ...
+    def set_epoch(self, epoch: int, start_micro_batch: int = 0) -> None: ...
 
     def __iter__(self) -> Iterator[TwoViewBatch]: ...
 

@@ -2,7 +2,7 @@
 
 Items may be image tensors ``[3, H, W]`` (float, or uint8 scaled to [0, 1]), PIL images, or
 ``(image, label, ...)`` tuples (the image is the first element). Batches are drawn by the
-torch path's :class:`~fastbyol.data.torch_loader.EpochShardSampler` (a function of
+torch path's :class:`~fastbyol.data.batching.EpochShardSampler` (a function of
 ``(seed, epoch)``, sharded over ranks, full batches only), moved to the training device, and
 turned into two views there by ``views(images, (seed, epoch, indices))``, image ``i``'s random
 choices a function of ``(seed, epoch, i)``, so a resumed run sees the views it would have seen.
@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from ..errors import FastByolError
 from .base import TwoViewBatch
-from .torch_loader import EpochBatchLoader
+from .batching import EpochBatchLoader
 
 
 def image_tensor(item) -> torch.Tensor:

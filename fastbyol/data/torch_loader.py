@@ -18,13 +18,12 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..augment import augment_pair, crop_pair, draw_samples
 from ..config import AugmentConfig
-from ..errors import FastByolError
-from ..stop import ignore_stop_signals
 from .base import TwoViewBatch
+from .batching import EpochBatchLoader
 from .image_source import ImageSource, read_encoded
 from .substitute import SUBSTITUTED_MSG, NoReadableImage, Substitutes
 
@@ -95,60 +94,6 @@ class TwoViewBatchDataset(Dataset):
         if self.augment_on is not None:
             crops, draws = augment_pair(crops, self.crops.aug, draws, self.out_dtype, self.channels_last), None
         return crops, labels, bad, draws
-
-
-class EpochShardSampler(Sampler[int]):
-    """Shuffled indices for one rank, a pure function of (seed, epoch), starting at a sample
-    offset (resume). Each rank takes a disjoint strided shard of one global permutation;
-    the tail that does not fill a whole global batch is dropped."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world_size: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start = 0, 0
-
-    def steps_per_epoch(self) -> int:
-        return self.n // (self.batch_size * self.world_size)
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch() * self.batch_size) - self.start
-
-    def __iter__(self) -> Iterator[int]:
-        perm = np.random.default_rng((self.seed, self.epoch, 0xB701)).permutation(self.n)
-        used = perm[: self.steps_per_epoch() * self.batch_size * self.world_size]
-        mine = used[self.rank:: self.world_size]
-        return iter(mine[self.start:].tolist())
-
-
-class EpochBatchLoader:
-    """What the torch-side loaders share: per-rank full batches in the order of
-    :class:`EpochShardSampler` (a function of seed and epoch), resumable mid-epoch, through a
-    DataLoader whose workers leave SIGTERM/Ctrl-C to the trainer (:mod:`fastbyol.stop`)."""
-
-    def __init__(self, n_items: int, batch_size: int, device: torch.device, seed: int, rank: int,
-                 world_size: int, workers: int):
-        if n_items < batch_size * world_size:
-            raise FastByolError(
-                f"batch size {batch_size * world_size} is larger than the data set ({n_items} images)")
-        self.batch_size, self.device, self.workers = batch_size, torch.device(device), workers
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.sampler = EpochShardSampler(n_items, batch_size, seed, rank, world_size)
-        self.epoch, self.start_step = 0, 0
-
-    def __len__(self) -> int:
-        return self.sampler.steps_per_epoch()
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
-    def epoch_loader(self, items: Dataset, **options) -> DataLoader:
-        """A DataLoader over ``items`` (indexed by a list of sample indices: one item per batch)
-        for the current epoch, from ``start_step``."""
-        self.sampler.epoch, self.sampler.start = self.epoch, self.start_step * self.batch_size
-        batches = BatchSampler(self.sampler, self.batch_size, drop_last=True)
-        return DataLoader(items, batch_size=None, sampler=batches, num_workers=self.workers,
-                          pin_memory=self.device.type == "cuda",
-                          worker_init_fn=ignore_stop_signals if self.workers > 0 else None, **options)
 
 
 class TorchTwoViewLoader(EpochBatchLoader):

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..errors import FastByolError
-from .image_source import IMAGE_EXTENSIONS, ImageSource, TarMembers, cache_root
+from .image_source import IMAGE_EXTENSIONS, ImageSource, PathList, TarMembers, build_lock, cache_root, save_npz_atomic
 
 log = logging.getLogger("fastbyol.data")
 
@@ -69,8 +69,17 @@ def _shard_paths(spec: str) -> List[str]:
     return shards
 
 
-def _read_tar_index(path: str) -> Tuple[List[Tuple[str, int, int, Optional[int]]], bool]:
-    """``([(member name, data offset, size, class or None)], complete)`` for every sample of a
+Members = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # names (bytes), offsets, sizes, classes (-1: none)
+WDS_INDEX_VERSION = 2  # 2: member names as bytes
+
+
+def _members(rows: List[Tuple[str, int, int, int]]) -> Members:
+    return (np.asarray([r[0].encode() for r in rows], dtype=np.bytes_),
+            *(np.asarray([r[k] for r in rows], dtype=np.int64).reshape(-1) for k in (1, 2, 3)))
+
+
+def _read_tar_index(path: str) -> Tuple[Members, bool]:
+    """``((member names, data offsets, sizes, classes or -1), complete)`` for every sample of a
     shard that has an image; samples are the webdataset groups of members sharing a key (the
     path up to the first dot of the file name). ``complete`` is False when the shard breaks off."""
     images: Dict[str, Tuple[str, int, int]] = {}
@@ -96,42 +105,89 @@ def _read_tar_index(path: str) -> Tuple[List[Tuple[str, int, int, Optional[int]]
                         classes[key] = int(text)
                     except ValueError:
                         raise FastByolError(f"{path}:{m.name} holds {text[:20]!r}, not a class number") from None
+                    if classes[key] < 0:
+                        raise FastByolError(f"negative class number {classes[key]} in {path}:{m.name}")
     except tarfile.ReadError as e:
         images.pop(key, None)  # the group read last may have lost members (its label, its data)
         if not images:
             raise FastByolError(f"cannot read tar shard {path!r}: {e}") from None
         complete = False
-    return [(name, off, size, classes.get(key)) for key, (name, off, size) in images.items()], complete
+    return _members([(name, off, size, classes.get(key, -1)) for key, (name, off, size) in images.items()]), complete
 
 
-def _index_tar(path: str) -> Tuple[List[Tuple[str, int, int, Optional[int]]], bool]:
-    """:func:`_read_tar_index`, kept in the cache (keyed by the shard's path, size and mtime):
-    reading ImageNet's 2.5 M tar headers takes about a minute per process, a cached index
-    milliseconds, so resumed and repeated runs start at once."""
+def _cache_path(path: str) -> str:
+    key = hashlib.sha1(f"{WDS_INDEX_VERSION}:{os.path.abspath(path)}".encode()).hexdigest()[:20]
+    return os.path.join(cache_root(), "wds-index", key + ".npz")
+
+
+def _cached_tar_index(path: str) -> Optional[Tuple[Members, bool]]:
     st = os.stat(path)
-    name = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:20] + ".npz"
-    cached = os.path.join(cache_root(), "wds-index", name)
-    stamp = np.asarray([st.st_size, st.st_mtime_ns], dtype=np.int64)
     try:
-        with np.load(cached, allow_pickle=False) as z:
-            if np.array_equal(z["stamp"], stamp):
-                return ([(str(n), int(o), int(sz), None if c < 0 else int(c))
-                         for n, o, sz, c in zip(z["names"], z["offsets"], z["sizes"], z["classes"])],
-                        bool(z["complete"]))
+        with np.load(_cache_path(path), allow_pickle=False) as z:
+            if np.array_equal(z["stamp"], [st.st_size, st.st_mtime_ns]):
+                return (z["names"], z["offsets"], z["sizes"], z["classes"]), bool(z["complete"])
     except (OSError, KeyError, ValueError):
         pass  # no index yet, or one from another version: read the headers
+    return None
+
+
+def _index_tar(path: str) -> Tuple[Members, bool]:
+    """:func:`_read_tar_index`, kept in the cache (keyed by the shard's path, size and mtime):
+    reading ImageNet's 2.5 M tar headers takes about a minute, a cached index milliseconds, so
+    resumed and repeated runs start at once."""
+    hit = _cached_tar_index(path)
+    if hit is not None:
+        return hit
+    st = os.stat(path)
     members, complete = _read_tar_index(path)
     try:
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        tmp = f"{cached}.{os.getpid()}.tmp.npz"  # ranks may write it at once: each its own file, then rename
-        np.savez(tmp, stamp=stamp, complete=complete, names=np.asarray([m[0] for m in members], dtype=str),
-                 offsets=np.asarray([m[1] for m in members], dtype=np.int64).reshape(-1),
-                 sizes=np.asarray([m[2] for m in members], dtype=np.int64).reshape(-1),
-                 classes=np.asarray([-1 if m[3] is None else m[3] for m in members], dtype=np.int64).reshape(-1))
-        os.replace(tmp, cached)
+        save_npz_atomic(_cache_path(path), stamp=np.asarray([st.st_size, st.st_mtime_ns], dtype=np.int64),
+                        complete=complete, names=members[0], offsets=members[1], sizes=members[2],
+                        classes=members[3])
     except OSError as e:  # a read-only cache costs only the next start's time
         log.debug("cannot cache the index of %s: %s", path, e)
     return members, complete
+
+
+def _index_shards(shards: List[str]) -> Tuple[Members, np.ndarray, np.ndarray]:
+    """All shards' members concatenated, samples per shard, whether each shard is complete.
+
+    A warm start loads one file: the whole set's index, checked against every shard's size and
+    mtime. Otherwise each shard's own index comes from the cache or its headers, read by one
+    process per cache folder (a node) while the other ranks wait (:func:`build_lock`), and the
+    set's index is written for the next start.
+    """
+    stamp = np.asarray([[st.st_size, st.st_mtime_ns] for st in map(os.stat, shards)], dtype=np.int64)
+    key = hashlib.sha1("\n".join(map(os.path.abspath, shards)).encode()).hexdigest()[:20]
+    whole = os.path.join(cache_root(), "wds-sets", f"{WDS_INDEX_VERSION}-{key}.npz")
+
+    def load_whole():
+        try:
+            with np.load(whole, allow_pickle=False) as z:
+                if np.array_equal(z["stamp"], stamp):
+                    return (z["names"], z["offsets"], z["sizes"], z["classes"]), z["counts"], z["complete"]
+        except (OSError, KeyError, ValueError):
+            pass
+        return None
+
+    hit = load_whole()
+    if hit is not None:
+        return hit
+    with build_lock("wds-" + key):
+        hit = load_whole()  # written by another rank while this one waited
+        if hit is not None:
+            return hit
+        with ThreadPoolExecutor(min(8, len(shards))) as pool:  # header reads: I/O bound
+            indexed = list(pool.map(_index_tar, shards))
+        members = tuple(np.concatenate([m[k] for m, _ in indexed]) for k in range(4))
+        counts = np.asarray([len(m[0]) for m, _ in indexed], dtype=np.int64)
+        complete = np.asarray([c for _, c in indexed], dtype=bool)
+        try:
+            save_npz_atomic(whole, stamp=stamp, names=members[0], offsets=members[1], sizes=members[2],
+                            classes=members[3], counts=counts, complete=complete)
+        except OSError as e:
+            log.debug("cannot cache the index of %d shards: %s", len(shards), e)
+    return members, counts, complete
 
 
 def scan_webdataset(spec: str) -> ImageSource:
@@ -142,7 +198,8 @@ def scan_webdataset(spec: str) -> ImageSource:
 
     Members are indexed by byte offset and read at random (:func:`read_encoded`), so shuffling,
     sharding per rank and exact resume work as for folders; shards must therefore be plain
-    (uncompressed) tar files on a seekable file system.
+    (uncompressed) tar files on a seekable file system. The index is numpy arrays (member
+    names as a :class:`~fastbyol.data.image_source.PathList` with the shards as prefixes).
 
     Raises:
         FastByolError: a missing, compressed or unreadable shard, no images, a bad or missing label.
@@ -150,26 +207,20 @@ def scan_webdataset(spec: str) -> ImageSource:
     shards = _shard_paths(spec)
     if not shards:
         raise FastByolError(f"{spec!r} holds no .tar shards")
-    with ThreadPoolExecutor(min(8, len(shards))) as pool:  # header reads: I/O bound
-        indexed = list(pool.map(_index_tar, shards))
-    names, index, labels = [], [], []
-    for k, (path, (members, complete)) in enumerate(zip(shards, indexed)):
-        if not complete:
-            log.warning("tar shard %s breaks off; using its first %d complete samples", path, len(members))
-        for name, off, size, cls in members:
-            names.append(f"{path}:{name}")
-            index.append((k, off, size))
-            labels.append(cls)
-    if not names:
+    (names, offsets, sizes, labels), counts, complete = _index_shards(shards)
+    for path, n, ok in zip(shards, counts.tolist(), complete.tolist()):
+        if not ok:
+            log.warning("tar shard %s breaks off; using its first %d complete samples", path, n)
+    if not len(names):
         raise FastByolError(f"the tar shards of {spec!r} hold no images ({', '.join(IMAGE_EXTENSIONS)})")
-    unlabelled = sum(c is None for c in labels)
+    shard_of = np.repeat(np.arange(len(shards), dtype=np.int64), counts)
+    index = np.stack([shard_of, offsets, sizes], axis=1)
+    unlabelled = int((labels < 0).sum())
     if unlabelled == len(labels):
-        classes, labels = ["."], [0] * len(labels)
+        classes, labels = ["."], np.zeros(len(labels), dtype=np.int64)
     elif unlabelled:
         raise FastByolError(f"{unlabelled} of {len(labels)} samples in {spec!r} have no .cls label")
-    elif min(labels) < 0:
-        raise FastByolError(f"negative class number {min(labels)} in {spec!r}")
     else:
-        classes = [str(c) for c in range(max(labels) + 1)]
-    return ImageSource(labels=np.asarray(labels, dtype=np.int64), classes=classes, files=names, root=spec,
-                       tar=TarMembers(shards, np.asarray(index, dtype=np.int64).reshape(-1, 3)))
+        classes = [str(c) for c in range(int(labels.max()) + 1)]
+    files = PathList(shards, shard_of.astype(np.int32), names, sep=":")
+    return ImageSource(labels=labels, classes=classes, files=files, root=spec, tar=TarMembers(shards, index))

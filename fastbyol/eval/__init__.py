@@ -9,5 +9,5 @@ protocol, and the ``fastbyol eval linear|knn`` commands.
   its presets.
 * :mod:`~fastbyol.eval.run`: data, process group, progress, JSON and plot for the CLI.
 
-The weighted kNN itself is :mod:`fastbyol.knn` (shared with training).
+* :mod:`~fastbyol.eval.knn`: the weighted kNN vote, shared with the training monitor.
 """

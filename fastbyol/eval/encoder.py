@@ -1,6 +1,7 @@
 """The encoder to evaluate, from whatever a user has: a fastbyol checkpoint or run folder (its
-online encoder), an exported encoder (``fastbyol export``), a torchvision ``state_dict`` (its
-``fc`` classifier dropped, e.g. supervised weights), or random weights.
+online encoder), an exported encoder (``fastbyol export``: a state_dict and, beside it,
+``<file>.json``, its training record, which becomes :attr:`LoadedEncoder.config`), a torchvision
+``state_dict`` (its ``fc`` classifier dropped, e.g. supervised weights), or random weights.
 
 A state_dict's architecture is recognised from its tensors (``convnet4``, ``resnet18|34|50``,
 ImageNet or CIFAR stem); ``backbone`` checks it instead. Anything else is a one-line
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 from ..backbones import build_encoder
-from ..checkpoint import encoder_state_dict, load_checkpoint, resolve_checkpoint
+from ..checkpoint import (encoder_state_dict, export_record_path, load_checkpoint, read_export_record,
+                          resolve_checkpoint)
 from ..config import BACKBONE_NAMES, Config, config_from_dict
 from ..errors import FastByolError
 
@@ -33,10 +35,10 @@ class LoadedEncoder:
     encoder: nn.Module
     backbone: str
     cifar_stem: bool
-    kind: str  # "fastbyol checkpoint" | "state_dict" | "random init"
+    kind: str  # "fastbyol checkpoint" | "fastbyol export" | "state_dict" | "random init"
     network: str  # which network the weights are: "online encoder", "random init", "state_dict"
     source: Optional[str]  # the file read (None: random init)
-    config: Optional[Config] = None  # the training config, for fastbyol checkpoints
+    config: Optional[Config] = None  # the training config: fastbyol checkpoints and exports
     step: Optional[int] = None  # the checkpoint's training step
     notes: List[str] = field(default_factory=list)
 
@@ -175,9 +177,20 @@ def load_encoder(path: Optional[str], backbone: Optional[str] = None, random_ini
     if not sd:
         raise FastByolError(f"{file}: holds only a classifier (fc.*), no encoder")
     enc, name, stem = _from_state_dict(sd, backbone, file, "its state_dict")
+    cfg, record = None, read_export_record(file)  # `fastbyol export`'s <file>.json
+    if record is not None:
+        cfg = config_from_dict(record["config"])
+        if (cfg.model.backbone, cfg.model.cifar_stem) != (name, stem):
+            raise FastByolError(f"{export_record_path(file)} describes a {cfg.model.backbone} "
+                                f"(cifar_stem {cfg.model.cifar_stem}) but {file} holds a {name} (cifar_stem {stem}): "
+                                "a record left from another export; delete it and pass --image-size")
     if random_init:
-        torch.manual_seed(seed or 0)
+        torch.manual_seed((cfg.train.seed if cfg is not None else 0) if seed is None else seed)
         enc, _ = build_encoder(name, stem)
-        return LoadedEncoder(enc, name, stem, "random init", "random init", None, notes=[f"architecture of {file}"])
+        return LoadedEncoder(enc, name, stem, "random init", "random init", None, config=cfg,
+                             notes=[f"architecture{' and data' if cfg is not None else ''} of {file}"])
     notes = ["classifier fc.* dropped"] if had_fc else []
+    if cfg is not None:
+        return LoadedEncoder(enc, name, stem, "fastbyol export", "online encoder", file, config=cfg,
+                             step=record.get("step"), notes=notes + [f"training record {export_record_path(file)}"])
     return LoadedEncoder(enc, name, stem, "state_dict", "encoder", file, notes=notes)

@@ -58,13 +58,15 @@ class Features:
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, loader, device: torch.device, aug: AugmentConfig,
-                     l2_normalize: bool = True, gather: bool = True) -> Features:
+                     l2_normalize: bool = True, gather: bool = True, dtype: torch.dtype = torch.float32
+                     ) -> Features:
     """Features of every readable image a loader of ``(uint8 images, labels, indices,
     unreadable)`` batches yields (:mod:`fastbyol.data.eval_views`).
 
     With ``gather`` (and a process group), every rank's rows are gathered and put in sample
     order, so every rank holds what one process would have computed; otherwise this rank's.
     ``l2_normalize``: unit rows (kNN); off for the linear probe (raw pooled features).
+    ``dtype``: the stored rows' (bf16 for a kNN bank on CUDA: half the memory), cast per batch.
     """
     was_training = encoder.training
     encoder.eval()
@@ -75,12 +77,12 @@ def extract_features(encoder: nn.Module, loader, device: torch.device, aug: Augm
             if images is None:
                 continue
             f = encode(encoder, images, device, aug)
-            feats.append(F.normalize(f, dim=1) if l2_normalize else f)
+            feats.append((F.normalize(f, dim=1) if l2_normalize else f).to(dtype))
             labels.append(y.to(device, non_blocking=True))
             index.append(idx.to(device, non_blocking=True))
         if not feats:  # this rank read nothing: empty rows of the right width
             dim = feature_dim(encoder, loader.dataset.size)
-            out = Features(torch.empty(0, dim, device=device), torch.empty(0, dtype=torch.long, device=device),
+            out = Features(torch.empty(0, dim, device=device, dtype=dtype), torch.empty(0, dtype=torch.long, device=device),
                            torch.empty(0, dtype=torch.long, device=device), bad)
         else:
             out = Features(torch.cat(feats), torch.cat(labels), torch.cat(index), bad)

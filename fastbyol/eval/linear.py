@@ -120,7 +120,7 @@ def lr_at(step: int, total: int, epoch: int, lr: float, cfg: LinearConfig) -> fl
 def evaluate(probe: nn.Module, val: Features) -> Tuple[float, float]:
     """(top-1 %, top-5 %) of the probe on features; ``val`` may be this rank's share (counts
     are summed over ranks). One host sync."""
-    from ..knn import topk_correct
+    from .knn import topk_correct
 
     counts = torch.cat([topk_correct(probe(val.feats), val.labels), val.feats.new_tensor([len(val)])])
     top1, top5, n = all_reduce_sum(counts).tolist()

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as tdist
 
 from ..backbones import feature_dim, first_feature_map_side
+from ..checkpoint import export_record_path
 from ..config import AugmentConfig, Config, preset
 from ..data import resolve_sources
 from ..data.eval_views import eval_loader
@@ -35,6 +36,7 @@ from .linear import (PRESET_FOR_TRAINING, LinearConfig, augmented_batches, evalu
 
 log = logging.getLogger("fastbyol")
 IMAGE_SIZES = {"imagenet": 224, "cifar": 32, "default": 32}
+TRAINING_PRESET = {"imagenet": "imagenet-resnet50", "cifar": "cifar10-resnet18", "default": "default"}
 MODE_NAMES = {"full": "full protocol (augmented views through the frozen encoder every epoch)",
               "features": "precomputed features (centre views, no augmentation)"}
 
@@ -45,8 +47,8 @@ def start_distributed(device_name: str, timeout_minutes: float) -> Tuple[torch.d
     """The device of this rank; joins the process group when launched on several ranks
     (torchrun / deepspeed). Returns (device, whether this call created the group)."""
     from ..distributed import backend_for
-    from ..launch import dist_info_from_env
-    from ..trainer import resolve_device
+    from ..runtime import dist_info_from_env
+    from ..runtime import resolve_device
 
     dist = dist_info_from_env()
     device = resolve_device(device_name, dist)
@@ -68,6 +70,22 @@ def eval_preset(name: Optional[str], loaded: LoadedEncoder, data: Optional[str])
     from ..data.sources import is_cifar_dir
 
     return "cifar" if os.path.isdir(data) and is_cifar_dir(data) else "imagenet"
+
+
+def require_training_facts(ns, loaded: LoadedEncoder) -> None:
+    """A state_dict without a training record says neither the size it was trained at nor the
+    protocol that fits it: refuse to guess (224 px and the ImageNet probe are wrong for a 32 px
+    encoder), naming the flags that say it."""
+    if loaded.kind != "state_dict":
+        return
+    missing = [] if ns.image_size is not None else ["--image-size N (the side it was trained at)"]
+    if "preset" in vars(ns) and ns.preset is None:  # eval linear
+        missing.append("--preset imagenet|cifar|default")
+    if missing:
+        unknown = "image size and protocol are" if len(missing) > 1 else "image size is"
+        raise FastByolError(f"{loaded.source} is a state_dict without a training record "
+                            f"({export_record_path(loaded.source)}, written by fastbyol export), so its {unknown} "
+                            f"unknown: pass {' and '.join(missing)}")
 
 
 def _labelled(src: ImageSource, what: str, path: Optional[str]) -> None:
@@ -148,7 +166,10 @@ class Setup:
         self.device, self.created_group = start_distributed(ns.device, ns.timeout_minutes)
         self.rank, self.world = rank_and_world()
         self.loaded = load_encoder(ns.checkpoint, ns.backbone, ns.random_init, ns.seed, ns.cifar_stem or None)
+        require_training_facts(ns, self.loaded)
         self.preset = eval_preset(getattr(ns, "preset", None), self.loaded, ns.data)
+        # the training preset whose kNN monitor `eval knn` repeats (k, T)
+        self.monitor_config = self.loaded.config or preset(TRAINING_PRESET[self.preset])
         self.train, self.val, cfg = eval_sources(self.loaded, ns.data, ns.val_data, ns.seed or 0)
         size = ns.image_size or (cfg.augment.image_size if self.loaded.config is not None else IMAGE_SIZES[self.preset])
         self.aug = AugmentConfig(image_size=size, mean=cfg.augment.mean, std=cfg.augment.std)
@@ -157,7 +178,7 @@ class Setup:
         self.dim = feature_dim(self.encoder, size)
         self.out = out_dir(ns.out, ns.checkpoint)
         if self.rank == 0:
-            from ..trainer import check_writable
+            from ..runtime import check_writable
 
             check_writable(self.out)  # before minutes of work, not after
         self.data = {"train": cfg.data.data or "embedded default set (train)",
@@ -165,9 +186,11 @@ class Setup:
                                                   else f"{cfg.data.val_fraction:.0%} held out of --data"),
                      "n_train": len(self.train), "n_val": len(self.val), "classes": len(self.train.classes)}
 
-    def features(self, source: ImageSource, gather: bool, l2: bool, cap: Optional[int] = None) -> Features:
+    def features(self, source: ImageSource, gather: bool, l2: bool, cap: Optional[int] = None,
+                 dtype: torch.dtype = torch.float32) -> Features:
         loader = eval_loader(source, self.size, self.batch, self.workers, cap, 0, self.rank, self.world)
-        return extract_features(self.encoder, loader, self.device, self.aug, l2_normalize=l2, gather=gather)
+        return extract_features(self.encoder, loader, self.device, self.aug, l2_normalize=l2, gather=gather,
+                                dtype=dtype)
 
     def stamp(self) -> Dict:
         return {"encoder": self.loaded.to_dict(), "data": self.data, "device": str(self.device),
@@ -185,24 +208,28 @@ class Setup:
 
 def run_knn(ns) -> Dict:
     s = Setup(ns)
-    ks = ns.k
+    monitor = s.monitor_config
+    ks = ns.k or [monitor.train.knn_k]
+    t = ns.t if ns.t is not None else monitor.train.knn_t
+    which = f"preset {monitor.preset}"
+    k_from = "" if ns.k else " (the training monitor's)"
     say(f"kNN of the {s.loaded.describe()} on {s.data['train']} ({len(s.train)} images) -> "
-        f"{s.data['val']} ({len(s.val)} images), k {','.join(map(str, ks))}, T {ns.t}")
-    from ..knn import knn_scores
+        f"{s.data['val']} ({len(s.val)} images), {s.size} px, k {','.join(map(str, ks))}{k_from}, T {t}, {which}")
+    from .knn import bank_dtype, knn_scores_from_shards
 
     t0 = time.perf_counter()
-    bank = s.features(s.train, gather=True, l2=True, cap=ns.max_bank)
-    if len(bank) == 0:
-        raise FastByolError("the training set (kNN bank) holds no readable image")
-    query = s.features(s.val, gather=False, l2=True)
-    scores = knn_scores(bank, query, len(s.train.classes), ks, ns.t)
-    result = {"protocol": "weighted kNN (InstDisc: cosine, exp(sim/T) votes)", "t": ns.t,
-              "bank_images": len(bank), "unreadable": bank.unreadable,
+    # each rank keeps its shard (bf16 on CUDA); gathered or merged per query: see fastbyol.eval.knn
+    bank = s.features(s.train, gather=False, l2=True, cap=ns.max_bank, dtype=bank_dtype(s.device))
+    query = s.features(s.val, gather=False, l2=True, dtype=bank_dtype(s.device))
+    scores, info = knn_scores_from_shards(bank, query, len(s.train.classes), ks, t)
+    result = {"protocol": "weighted kNN (InstDisc: cosine, exp(sim/T) votes)", "t": t, "preset": monitor.preset,
+              "k_from": "--k" if ns.k else f"the training monitor of preset {monitor.preset}",
+              "bank_images": info["bank_images"], "unreadable": info["unreadable"], "bank_path": info["path"],
               "results": [{"k": k, "top1": a, "top5": b} for k, (a, b) in scores.items()],
               "seconds": time.perf_counter() - t0, **s.stamp()}
     path = os.path.join(s.out, f"knn_{tag(s.loaded)}.json")
     for k, (a, b) in scores.items():
-        say(f"kNN (k={k}, T={ns.t}) {s.loaded.network}: top-1 {a:.2f}% top-5 {b:.2f}%")
+        say(f"kNN (k={k}, T={t}, {s.size} px, {which}) {s.loaded.network}: top-1 {a:.2f}% top-5 {b:.2f}%")
     if s.rank == 0:
         write_json(path, result)
         say(f"wrote {path}")
@@ -231,8 +258,9 @@ def run_linear(ns) -> Dict:
     batch = fitted_batch_size(cfg.batch_size, len(s.train))
     classes = len(s.train.classes)
     say(f"linear probe ({MODE_NAMES[cfg.mode]}) of the {s.loaded.describe()}: {s.data['train']} "
-        f"({len(s.train)} images) -> {s.data['val']} ({len(s.val)} images), {classes} classes, preset "
-        f"{s.preset}, {cfg.epochs} epochs, batch {batch}{' (fitted to the data set)' if batch != cfg.batch_size else ''}, "
+        f"({len(s.train)} images) -> {s.data['val']} ({len(s.val)} images), {classes} classes, {s.size} px, "
+        f"preset {s.preset}, {cfg.epochs} epochs, batch {batch}"
+        f"{' (fitted to the data set)' if batch != cfg.batch_size else ''}, "
         f"{cfg.schedule} schedule, lr {'grid ' if len(cfg.lrs) > 1 else ''}{','.join(map(str, cfg.lrs))}"
         f"{', standardised features' if cfg.standardize else ''}")
     t0 = time.perf_counter()
@@ -303,7 +331,7 @@ def run_linear(ns) -> Dict:
               "seconds": time.perf_counter() - t0, **s.stamp()}
     name = f"linear_{cfg.mode}_{tag(s.loaded)}"
     say(f"linear top-1 {final['top1']:.2f}% top-5 {final['top5']:.2f}% ({cfg.mode} mode, {s.loaded.network}, "
-        f"lr {lr:g}, {result['seconds']:.0f}s)")
+        f"{s.size} px, preset {s.preset}, lr {lr:g}, {result['seconds']:.0f}s)")
     if s.rank == 0:
         write_json(os.path.join(s.out, name + ".json"), result)
         png = plot_linear(result, os.path.join(s.out, name + ".png"))

@@ -297,8 +297,37 @@ def launch_cost(launch, counter: Optional[CostCounter] = None) -> OpCost:
         table = n_blocks * (8 + 8 + 4)
         return OpCost("triton:ema_kernel", 1, elems * (t_size + o_size) + table, elems * t_size, 3 * elems,
                       dtype=str(c["T_DTYPE"]))
+    if launch.kernel == "photometric_kernel":
+        # fastbyol_kernels.augment: pass 0 reads the crops for contrast's grey sums; pass 1 reads
+        # them again and writes the finished views, or fp32 scratch for the blurred samples; passes
+        # 3 and 2 blur the scratch along rows then columns (the taps' neighbours: cache hits) and
+        # finish those views (as fastbyol_kernels.augment.photometric_bytes counts them).
+        x, out = a["x_ptr"], a["out_ptr"]
+        values, n_blur = x[0].numel(), a["rows_ptr"].numel()
+        xb, ob, n = x.element_size(), out.element_size(), x.shape[0]
+        pass_ = c["PASS"]
+        if pass_ == 0:
+            read, written, n_img = values * xb * n, a["partial_ptr"].numel() * 4, n
+        elif pass_ == 1:
+            read, written, n_img = values * xb * n, values * (ob * (n - n_blur) + 4 * n_blur), n
+        elif pass_ == 3:
+            read, written, n_img = values * 4 * n_blur, values * 4 * n_blur, n_blur
+        else:
+            read, written, n_img = values * 4 * n_blur, values * ob * n_blur, n_blur
+        return OpCost(f"triton:photometric_pass{pass_}", 1, read, written, 30 * values * n_img, dtype=str(out.dtype))
+    if launch.kernel in ("lars_norms_kernel", "lars_update_kernel"):
+        # fastbyol_kernels.lars: the norms read weights and gradients; the update reads weights,
+        # gradients and momentum and writes momentum and weights (plus its block table).
+        lens = counter.constant(a["numels"]) if counter is not None else None
+        elems = int(lens.sum()) if lens is not None else a["blk_tensor"].numel() * c["BLOCK"]
+        size = _TL_SIZES.get(str(c["DTYPE"]), 4)
+        table = a["blk_tensor"].numel() * (a["blk_tensor"].element_size() + a["blk_offset"].element_size())
+        if launch.kernel == "lars_norms_kernel":
+            return OpCost("triton:lars_norms", 1, 2 * size * elems + table, 0, 4 * elems, dtype=str(c["DTYPE"]))
+        return OpCost("triton:lars_update", 1, 3 * size * elems + table, 2 * size * elems, 5 * elems,
+                      dtype=str(c["DTYPE"]))
     raise ValueError(f"no cost rule for Triton kernel {launch.kernel!r}: add one to fastbyol.cost.counter.launch_cost")
 
 
 _TL_SIZES = {"fp32": 4, "bf16": 2, "fp16": 2, "triton.language.float32": 4, "triton.language.bfloat16": 2,
-             "triton.language.float16": 2}
+             "triton.language.float16": 2, "fp64": 8, "triton.language.float64": 8}

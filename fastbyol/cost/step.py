@@ -30,6 +30,7 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import torch
@@ -48,7 +49,7 @@ from ..schedules import scaled_lr
 from ..runtime import DistInfo
 from ..parts import TrainerParts, build_model, build_parts
 from ..trainer import Trainer
-from .counter import CostCounter, OpCost, Record, launch_cost
+from .counter import CostCounter, OpCost, Record, launch_cost, spanned_bytes
 
 STAGES = ("augmentation", "forward", "backward", "batchnorm", "loss", "ema", "optimizer", "collectives", "other")
 CUDA = torch.device("cuda")  # the device the meta tensors stand for (a name: nothing is allocated)
@@ -234,11 +235,14 @@ def _instrument(trainer: Trainer, counter: CostCounter, floors: Floors) -> None:
 def _device_layer(counter: CostCounter, world_size: int):
     """Triton launches counted from their descriptions instead of run (the kernels are chosen
     for ``meta`` tensors as for CUDA ones); SyncFreeBatchNorm's all-reduces recorded."""
+    import fastbyol_kernels._backend as kbackend
+    import fastbyol_kernels.augment as kaug
     import fastbyol_kernels.ema as kema
+    import fastbyol_kernels.lars as klars
     import fastbyol_kernels.loss as kloss
     from fastbyol_kernels.launches import Launch
 
-    from .. import sync_batchnorm
+    from .. import batchnorm_ops, sync_batchnorm
 
     def use_triton(backend, tensors):
         if backend not in ("auto", "triton", "torch"):
@@ -276,17 +280,59 @@ def _device_layer(counter: CostCounter, world_size: int):
             counter.remember(out, real_tensor(data, dtype=out.dtype))
         return out
 
+    def native_bn(name, reads):
+        """The fused CUDA BatchNorm primitive ``name`` (fastbyol.batchnorm_ops): its outputs
+        from the reference (not counted), its cost as the CUDA kernel's, which reads each input
+        tensor once and writes its outputs once."""
+        reference = getattr(batchnorm_ops.REFERENCE, name)
+
+        def run(*args, **kwargs):
+            recording, counter.recording = counter.recording, False
+            try:
+                out = reference(*args, **kwargs)
+            finally:
+                counter.recording = recording
+            inputs = [t for t in reads(*args) if isinstance(t, torch.Tensor)]
+            read = sum(spanned_bytes(t) for t in inputs)
+            written = sum(spanned_bytes(t) for t in _flat(out) if isinstance(t, torch.Tensor))
+            flops = 4 * max((t.numel() for t in inputs), default=0)  # a few per element: memory-bound
+            counter.add(OpCost(f"cuda:batch_norm_{name}", 1, read, written, flops))
+            return out
+        return run
+
+    def _flat(out):
+        return out if isinstance(out, (tuple, list)) else (out,)
+
+    modelled_native = SimpleNamespace(
+        stats=native_bn("stats", lambda x, eps: (x,)),
+        gather_stats_with_counts=native_bn("gather_stats_with_counts",
+                                           lambda x, mean_all, invstd_all, *rest: (mean_all, invstd_all, rest[-1])),
+        elemt=native_bn("elemt", lambda x, w, b, mean, invstd, *rest: (x, w, b, mean, invstd)),
+        backward_reduce=native_bn("backward_reduce", lambda dy, x, mean, invstd, w, *rest: (dy, x, mean, invstd, w)),
+        backward_elemt=native_bn("backward_elemt", lambda dy, x, mean, invstd, w, *rest: (dy, x, mean, invstd, w, *rest)))
+
+    def ops_for(x):
+        device = x if isinstance(x, torch.device) else x.device
+        return modelled_native if device.type == "meta" else real_ops_for(device)
+
+    real_ops_for = batchnorm_ops.ops_for
     saved = [(torch.Tensor, "data_ptr", real_data_ptr), (torch, "tensor", real_tensor),
+             (batchnorm_ops, "ops_for", real_ops_for), (sync_batchnorm, "ops_for", sync_batchnorm.ops_for),
              (kloss, "use_triton", kloss.use_triton), (kema, "use_triton", kema.use_triton),
-             (Launch, "run", Launch.run), (kema, "_plans", kema._plans), (sync_batchnorm, "_all_reduce_sum", sync_batchnorm._all_reduce_sum),
+             (kaug, "use_triton", kaug.use_triton), (klars, "use_triton", klars.use_triton),
+             (kbackend, "use_triton", kbackend.use_triton),
+             (Launch, "run", Launch.run), (kema, "_plans", kema._plans),
+             (klars, "_plans", klars._plans), (klars, "_ready", klars._ready), (sync_batchnorm, "_all_reduce_sum", sync_batchnorm._all_reduce_sum),
              (torch.distributed, "is_initialized", torch.distributed.is_initialized),
              (torch.distributed, "get_world_size", torch.distributed.get_world_size),
              (torch.distributed, "get_rank", torch.distributed.get_rank)]
     torch.Tensor.data_ptr, torch.tensor = data_ptr, tensor
-    kema._plans = {}  # the EMA's block tables are this run's (their lengths are remembered by this counter)
-    kloss.use_triton = kema.use_triton = use_triton
+    # The EMA's and LARS's block tables are this run's (their lengths are remembered by this counter).
+    kema._plans, klars._plans, klars._ready = {}, {}, {}
+    kloss.use_triton = kema.use_triton = kaug.use_triton = klars.use_triton = kbackend.use_triton = use_triton
     Launch.run = record_launch
     sync_batchnorm._all_reduce_sum = all_reduce
+    batchnorm_ops.ops_for = sync_batchnorm.ops_for = ops_for  # meta stands for CUDA: the fused kernels
     if world_size > 1:  # this process stands for rank 0 of world_size
         torch.distributed.is_initialized = lambda: True
         torch.distributed.get_world_size = lambda group=None: world_size
@@ -365,7 +411,8 @@ def step_cost(cfg: Config, world_size: int = 1) -> StepCost:
         precision = cfg.train.precision
 
         def engine_factory(model, cfg_, device, dist_):
-            opt = build_optimizer(model.online, cfg_.optim, scaled_lr(cfg_.optim.base_lr, cfg_.train.batch_size))
+            opt = build_optimizer(model.online, cfg_.optim, scaled_lr(cfg_.optim.base_lr, cfg_.train.batch_size),
+                                  cfg_.train.kernels)
             return CostEngine(model.online, opt, precision, counter, cfg_.dist.grad_accum)
 
         with torch.device("meta"):
@@ -385,7 +432,7 @@ def step_cost(cfg: Config, world_size: int = 1) -> StepCost:
                 for _ in range(cfg.dist.grad_accum):
                     crops = torch.empty(micro, 2, 3, size, size, dtype=torch.uint8, device="meta")
                     with counter.scope("augmentation"):
-                        v1, v2 = augment_pair(crops, aug, draws, out_dtype, channels_last)
+                        v1, v2 = augment_pair(crops, aug, draws, out_dtype, channels_last, cfg.train.kernels)
                     trainer.train_micro_batch(TwoViewBatch(v1, v2, torch.empty(micro, dtype=torch.long, device="meta")))
                     if world_size > 1:
                         counter.add(_grad_all_reduce(trainer), "collectives")

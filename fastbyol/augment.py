@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastbyol_kernels.augment import adjust_hue, gaussian_blur  # the torch ops the fused kernel is tested against
+
 from .config import AugmentConfig, ViewConfig
 
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale and DALI's colour-space conversion.
@@ -238,43 +240,6 @@ def apply_where(mask: torch.Tensor, op, x: torch.Tensor, factor: torch.Tensor) -
     return torch.where(_per_sample(mask), op(x, factor), x)
 
 
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    delta = maxc - minc
-    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
-    d = torch.where(delta > 0, delta, torch.ones_like(delta))
-    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    return torch.stack((h, s, maxc), 1)
-
-
-def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = (
-        torch.stack((v, t, p), 1), torch.stack((q, v, p), 1), torch.stack((p, v, t), 1),
-        torch.stack((p, q, v), 1), torch.stack((t, p, v), 1), torch.stack((v, p, q), 1),
-    )
-    out = choices[0]
-    for k in range(1, 6):
-        out = torch.where((i == k).unsqueeze(1), choices[k], out)
-    return out
-
-
-def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by ``shift`` (fraction of a turn, per sample; 0 leaves the sample unchanged)."""
-    hsv = rgb_to_hsv(x)
-    h = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
-    out = hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), 1))
-    return torch.where(_per_sample(shift != 0), out, x)
-
-
 def color_jitter(x: torch.Tensor, view: ViewConfig, d: ViewDraws) -> torch.Tensor:
     """Brightness, contrast, saturation and hue, each sample in its own order (``d.order``)
     with its own factors (``d.factors``), for the samples with ``d.jitter`` (torchvision
@@ -286,28 +251,6 @@ def color_jitter(x: torch.Tensor, view: ViewConfig, d: ViewDraws) -> torch.Tenso
                 continue
             x = apply_where(d.jitter & (d.order[:, stage] == k), op, x, d.factors[:, k])
     return x
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Separable Gaussian blur with a per-sample ``sigma`` ([B]), reflect padding."""
-    n, c, h, w = x.shape
-    half = kernel_size // 2
-    pos = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-(pos.view(1, -1) ** 2) / (2 * sigma.view(-1, 1).to(x.dtype) ** 2))
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*C, K]
-    pad_h, pad_w = min(half, h - 1), min(half, w - 1)
-    y = x.reshape(1, n * c, h, w)
-    if pad_h < half or pad_w < half:  # image smaller than the kernel: trim the kernel
-        k_h = k[:, half - pad_h: half + pad_h + 1]
-        k_w = k[:, half - pad_w: half + pad_w + 1]
-        k_h, k_w = k_h / k_h.sum(1, keepdim=True), k_w / k_w.sum(1, keepdim=True)
-    else:
-        k_h = k_w = k
-    y = F.pad(y, (pad_w, pad_w, 0, 0), mode="reflect")
-    y = F.conv2d(y, k_w.view(n * c, 1, 1, -1), groups=n * c)
-    y = F.pad(y, (0, 0, pad_h, pad_h), mode="reflect")
-    y = F.conv2d(y, k_h.view(n * c, 1, -1, 1), groups=n * c)
-    return y.view(n, c, h, w)
 
 
 def augment_view(x: torch.Tensor, view: ViewConfig, cfg: AugmentConfig, d: ViewDraws,

@@ -48,7 +48,9 @@ def _blend(f: torch.Tensor, x: torch.Tensor, other: torch.Tensor) -> torch.Tenso
     return (f * x + (1 - f) * other).clamp(0, 1)
 
 
-def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``shift`` (a fraction of a turn, per sample; 0 leaves the sample unchanged):
+    an RGB → HSV → RGB round trip, as torchvision's ``adjust_hue``."""
     r, g, b = x.unbind(1)
     maxc, minc = x.amax(1), x.amin(1)
     delta = maxc - minc
@@ -89,7 +91,7 @@ def photometric_reference(x: torch.Tensor, params: torch.Tensor, mean: Sequence[
         choices = (lambda z: (f_b * z).clamp(0, 1),
                    lambda z: _blend(f_c, z, _gray(z).mean(dim=(1, 2, 3), keepdim=True)),
                    lambda z: _blend(f_s, z, _gray(z)),
-                   lambda z: _hue(z, c["hue"]))
+                   lambda z: adjust_hue(z, c["hue"]))
         for k, fn in enumerate(choices):
             y = torch.where(per(jitter & (op == k)), fn(y), y)
     y = torch.where(per(c["gray"] != 0), _gray(y).expand_as(y), y)

@@ -68,3 +68,14 @@ def use_triton(backend: str, tensors: Iterable[torch.Tensor]) -> bool:
                                f"got tensors on {sorted(devices)}")
         return True
     return runnable and triton_available()
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers exactly ``numel`` consecutive elements from ``data_ptr`` in some
+    dimension order (contiguous, channels_last, a transpose, ...): then memory order works."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

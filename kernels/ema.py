@@ -23,7 +23,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 
-from ._backend import BACKENDS, use_triton
+from ._backend import BACKENDS, is_dense, use_triton
 from .launches import EMA_BLOCK, ema_launch
 
 Momentum = Union[float, torch.Tensor]
@@ -145,17 +145,6 @@ def _get_kernel():
     return ema_kernel
 
 
-def _is_dense(t: torch.Tensor) -> bool:
-    """Whether ``t`` covers exactly ``numel`` consecutive elements from ``data_ptr`` in some
-    dimension order (contiguous, channels_last, a transpose, ...): then memory order works."""
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 class _Plan:
     """Block table of one (target dtype, online dtype, alignment) group, on the device."""
 
@@ -202,7 +191,7 @@ def _build_plans(targets, onlines, block: int, strict: bool, use_kernel: bool) -
             rest.append(i)
         elif t.numel() == 0:
             continue
-        elif not (_is_dense(t) and _is_dense(o) and _same_layout(t, o)):
+        elif not (is_dense(t) and is_dense(o) and _same_layout(t, o)):
             # Elements are paired by memory position, right only for one dense layout
             # (contiguous, both channels_last, ...). Other pairs are rare: the reference
             # takes them, one extra foreach pass whatever their number.

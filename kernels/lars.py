@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._backend import interpreting, use_triton
+from ._backend import interpreting, is_dense, use_triton
 from .launches import LARS_BLOCKS, lars_norms_launch, lars_update_launch
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -74,15 +74,6 @@ def lars_step_reference_(params: List[torch.Tensor], grads: List[torch.Tensor], 
 
 
 # ----------------------------------------------------------------------------- Triton
-
-def _is_dense(t: torch.Tensor) -> bool:
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
 
 def _ptr_array(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """int64 addresses on ``device`` without a host sync (a pinned, non-blocking upload on CUDA)."""
@@ -133,7 +124,7 @@ def kernel_problem(params, grads, bufs) -> Optional[str]:
     for i, (p, g, b) in enumerate(zip(params, grads, bufs)):
         if not (p.dtype == g.dtype == b.dtype == dtype and p.device == g.device == b.device == dev):
             return f"tensor {i}: weight, gradient and buffer differ in dtype or device from tensor 0"
-        if not (_is_dense(p) and p.stride() == g.stride() == b.stride()):
+        if not (is_dense(p) and p.stride() == g.stride() == b.stride()):
             return f"tensor {i}: weight, gradient and buffer do not share one dense layout"
     return None
 

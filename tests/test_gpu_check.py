@@ -31,10 +31,11 @@ def _count_trainer_steps(monkeypatch):
 
 
 def _fastbyol_steps(result):
-    """Steps the fastbyol rows say they ran (warm-up + timed), over every part."""
+    """Steps the fastbyol rows say they ran (warm-up + timed), over every part, and part h's count."""
     return sum(r["warmup"] + r["timed_steps"] for p in result["parts"].values() for r in p.get("rows", [])
                if str(r.get("mode", "")).startswith("fastbyol") and not r["mode"].endswith("-loader")
-               and r.get("status") == "ok" and "warmup" in r)
+               and r.get("status") == "ok" and "warmup" in r) \
+        + result["parts"].get("model", {}).get("meta_steps", 0)  # the cost model's, on meta tensors
 
 
 def _run(tmp_path, *extra):
@@ -52,7 +53,7 @@ def test_tiny_records_every_part_and_times_the_trainers_step(tmp_path, monkeypat
     st = result["stamp"]
     assert st["device"] and st["date"] and st["torch"] and "driver" in st
     parts = result["parts"]
-    assert set(parts) == set(PART_NAMES) | {"lightly-style"}
+    assert set(parts) == set(PART_NAMES) | {"lightly-style", "calibration"}
     for name, p in parts.items():
         assert p["status"] == "ok" or (p["status"].startswith("skipped: ") and len(p["status"]) > 12), (name, p)
     assert parts["kernels"]["status"] == "ok" and parts["kernels"]["failed"] == 0
@@ -68,6 +69,11 @@ def test_tiny_records_every_part_and_times_the_trainers_step(tmp_path, monkeypat
     loader = parts["e2e-r50"]["loader"]
     assert loader["shm_free_mib"] is not None and loader["workers"] <= loader["wanted_workers"]
     assert any(r["benchmark"] == "loss@train-batch" and r["batch"] == 16 for r in parts["micro"]["rows"])
+    # The cost model next to this run's measurements, stage by stage (the first GPU run calibrates it).
+    calib = {r["stage"]: r for r in parts["calibration"]["rows"]}
+    for stage in ("augmentation", "loss", "ema", "compute step"):
+        row = calib[stage]
+        assert row["modelled H200 ms"] > 0 and row["measured ms"] > 0 and row["measured / modelled"] > 0, row
     assert "train_micro_batch" in e2e["fastbyol"]["details"]["step"]
     assert calls["n"] == _fastbyol_steps(result) > 0
     assert parts["lightly-style"]["rows"][0]["ratio"] > 0

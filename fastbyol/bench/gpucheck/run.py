@@ -23,12 +23,13 @@ from fastbyol._checkout import checkout_root
 from fastbyol.bench.common import results_dir
 from fastbyol.errors import FastByolError
 
-from . import finite_check, micro, train
+from . import finite_check, micro, model, train
 from .report import markdown, plot, stamp
 from .settings import PART_NAMES, PARTS, PartSkip, settings
 
 DERIVED = {"name": "lightly-style", "letter": "d",
            "title": "fastbyol / the same step written as lightly's BYOL example (torch only), from part c"}
+CALIBRATION = {"letter": "h'", "title": "modelled (fastbyol cost) against measured ms per stage, from parts b, c and h"}
 RESULTS = results_dir()
 
 
@@ -54,7 +55,8 @@ class PartContext:
 
 FUNCS = {"kernels": micro.part_kernels, "micro": micro.part_micro, "e2e-r50": lambda pc: train.part_e2e(pc, "e2e-r50"),
          "e2e-cifar": lambda pc: train.part_e2e(pc, "e2e-cifar"), "syncs": train.part_syncs,
-         "e2e-r50-compile": train.part_compile, "dali": train.part_dali, "finite": finite_check.part_finite}
+         "e2e-r50-compile": train.part_compile, "dali": train.part_dali, "finite": finite_check.part_finite,
+         "model": model.part_model}
 
 
 def _write(path: str, obj: Dict) -> None:
@@ -193,6 +195,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             res = {"status": f"skipped: {e}"}
         parts["lightly-style"] = dict(res, **DERIVED)
         result["headline"] = res.get("headline")
+    if "model" in names:
+        try:
+            res = dict(model.calibration(parts), status="ok")
+        except PartSkip as e:
+            res = {"status": f"skipped: {e}"}
+        parts["calibration"] = dict(res, **CALIBRATION)
     code = _finish(result, t_start, run_dir)
     shutil.rmtree(scratch, ignore_errors=True)
     png = plot(result, os.path.join(run_dir, "gpu_check.png"))

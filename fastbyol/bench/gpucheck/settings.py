@@ -34,6 +34,7 @@ PARTS: List[Part] = [
     Part("e2e-cifar", "c", "ResNet-18 CIFAR @32: compute, loader and sustained end to end per loop", 120),
     Part("syncs", "e", "host syncs per step (torch.cuda.set_sync_debug_mode)", 45),
     Part("finite", "g", "the NaN / inf guard (_foreach_norm(inf)) catches an injected NaN or inf", 30),
+    Part("model", "h", "the step cost model (fastbyol cost) against this run's measured stages", 60),
     Part("e2e-r50-compile", "c", "end to end, ResNet-50 @224 with torch.compile", 180),
     Part("dali", "f", "DALI pipeline images/s and end to end with DALI", 90),
 ]

@@ -7,11 +7,12 @@ SIGTERM / Ctrl-C exits 143 / 130 after its checkpoint (README, "Checkpoints and 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .config import PRESETS, Config, apply_overrides, field_docs, iter_fields, preset
 from .errors import FastByolError, TrainingStopped
@@ -60,10 +61,16 @@ def _shown(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+@functools.lru_cache(maxsize=None)
+def _preset_values() -> Dict[str, Dict[str, str]]:
+    """``{preset: {field: value as typed}}``, built once (the parser asks for every field)."""
+    return {p: {n: _shown(v) for n, _, v in iter_fields(preset(p))} for p in PRESETS}
+
+
 def preset_defaults(name: str) -> str:
     """``(default: 64; cifar10-resnet18: 256, imagenet-resnet50: 4096, smoke: 16)``: the
     ``default`` preset's value of field ``name``, then the presets where it differs."""
-    values = {p: _shown(dict((n, v) for n, _, v in iter_fields(preset(p)))[name]) for p in PRESETS}
+    values = {p: fields[name] for p, fields in _preset_values().items()}
     others = [f"{p}: {v}" for p, v in sorted(values.items()) if p != "default" and v != values["default"]]
     return f"(default: {values['default']}{'; ' + ', '.join(others) if others else ''})"
 

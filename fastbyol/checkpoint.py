@@ -68,11 +68,20 @@ def _write(obj: Any, fh) -> None:
 
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, rename, fsync the folder."""
+    _atomic(path, lambda fh: _write(obj, fh))
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    """``text`` (a run's config, an export's record) written as :func:`atomic_save` writes."""
+    _atomic(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def _atomic(path: str, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as fh:
-        _write(obj, fh)
+        write(fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -265,8 +274,5 @@ def export_encoder(ckpt_path: str, out_path: str) -> Dict[str, torch.Tensor]:
         if os.path.exists(meta_path):  # a record of an earlier export would describe the wrong encoder
             os.remove(meta_path)
         return sd
-    tmp = meta_path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(record, fh, indent=2)
-    os.replace(tmp, meta_path)
+    atomic_write_text(json.dumps(record, indent=2), meta_path)
     return sd

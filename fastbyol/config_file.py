@@ -109,7 +109,7 @@ def _plain(node: Any) -> Any:
 def write_run_config(cfg: Config, out: str) -> str:
     """Write the resolved ``cfg`` to ``<out>/config.yaml`` (``config.json`` without PyYAML),
     atomically; returns the path. ``fastbyol train --config <that file>`` reruns the run."""
-    from .checkpoint import fsync_dir
+    from .checkpoint import atomic_write_text
 
     yaml = _yaml()
     tree = _plain(cfg.to_dict())
@@ -121,13 +121,5 @@ def write_run_config(cfg: Config, out: str) -> str:
     else:
         path = os.path.join(out, RUN_CONFIG_NAMES[1])
         body = json.dumps(tree, indent=2) + "\n"
-    os.makedirs(out, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(body)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(out)
+    atomic_write_text(body, path)
     return path
-

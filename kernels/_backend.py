@@ -5,8 +5,9 @@ so the package and its references work where triton is not installed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Iterable
+from typing import Iterable, Set
 
 import torch
 
@@ -34,6 +35,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_AS_CUDA: Set[str] = set()  # device types whose tensors take CUDA's path (the cost model's "meta")
+
+
+@contextlib.contextmanager
+def counted_as_cuda(device_type: str):
+    """Within it, tensors on ``device_type`` choose the Triton kernels as CUDA tensors do:
+    ``fastbyol cost`` runs the step on ``meta`` tensors and counts the launches instead of
+    running them (its own ``Launch.run``)."""
+    _AS_CUDA.add(device_type)
+    try:
+        yield
+    finally:
+        _AS_CUDA.discard(device_type)
+
+
 def use_triton(backend: str, tensors: Iterable[torch.Tensor]) -> bool:
     """Whether to run the Triton kernel for these tensors.
 
@@ -57,9 +73,9 @@ def use_triton(backend: str, tensors: Iterable[torch.Tensor]) -> bool:
         return False
     tensors = list(tensors)
     if backend == "auto" and not interpreting():  # the common case, without building a device set
-        return bool(tensors) and all(t.is_cuda for t in tensors) and triton_available()
+        return bool(tensors) and all(t.is_cuda or t.device.type in _AS_CUDA for t in tensors) and triton_available()
     devices = {t.device.type for t in tensors}
-    runnable = devices == {"cuda"} or (devices == {"cpu"} and interpreting())
+    runnable = (bool(devices) and devices <= {"cuda"} | _AS_CUDA) or (devices == {"cpu"} and interpreting())
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package, which is not importable here")

@@ -235,19 +235,12 @@ def _instrument(trainer: Trainer, counter: CostCounter, floors: Floors) -> None:
 def _device_layer(counter: CostCounter, world_size: int):
     """Triton launches counted from their descriptions instead of run (the kernels are chosen
     for ``meta`` tensors as for CUDA ones); SyncFreeBatchNorm's all-reduces recorded."""
-    import fastbyol_kernels._backend as kbackend
-    import fastbyol_kernels.augment as kaug
     import fastbyol_kernels.ema as kema
     import fastbyol_kernels.lars as klars
-    import fastbyol_kernels.loss as kloss
+    from fastbyol_kernels._backend import counted_as_cuda
     from fastbyol_kernels.launches import Launch
 
     from .. import batchnorm_ops, sync_batchnorm
-
-    def use_triton(backend, tensors):
-        if backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"backend must be one of auto, triton, torch; got {backend!r}")
-        return backend != "torch" and all(t.device.type == "meta" for t in tensors)
 
     def record_launch(launch, fn=None):
         counter.add(launch_cost(launch, counter))
@@ -318,9 +311,6 @@ def _device_layer(counter: CostCounter, world_size: int):
     real_ops_for = batchnorm_ops.ops_for
     saved = [(torch.Tensor, "data_ptr", real_data_ptr), (torch, "tensor", real_tensor),
              (batchnorm_ops, "ops_for", real_ops_for), (sync_batchnorm, "ops_for", sync_batchnorm.ops_for),
-             (kloss, "use_triton", kloss.use_triton), (kema, "use_triton", kema.use_triton),
-             (kaug, "use_triton", kaug.use_triton), (klars, "use_triton", klars.use_triton),
-             (kbackend, "use_triton", kbackend.use_triton),
              (Launch, "run", Launch.run), (kema, "_plans", kema._plans),
              (klars, "_plans", klars._plans), (klars, "_ready", klars._ready), (sync_batchnorm, "_all_reduce_sum", sync_batchnorm._all_reduce_sum),
              (torch.distributed, "is_initialized", torch.distributed.is_initialized),
@@ -329,7 +319,6 @@ def _device_layer(counter: CostCounter, world_size: int):
     torch.Tensor.data_ptr, torch.tensor = data_ptr, tensor
     # The EMA's and LARS's block tables are this run's (their lengths are remembered by this counter).
     kema._plans, klars._plans, klars._ready = {}, {}, {}
-    kloss.use_triton = kema.use_triton = kaug.use_triton = klars.use_triton = kbackend.use_triton = use_triton
     Launch.run = record_launch
     sync_batchnorm._all_reduce_sum = all_reduce
     batchnorm_ops.ops_for = sync_batchnorm.ops_for = ops_for  # meta stands for CUDA: the fused kernels
@@ -338,7 +327,8 @@ def _device_layer(counter: CostCounter, world_size: int):
         torch.distributed.get_world_size = lambda group=None: world_size
         torch.distributed.get_rank = lambda group=None: 0
     try:
-        yield
+        with counted_as_cuda("meta"):
+            yield
     finally:
         for obj, name, value in saved:
             setattr(obj, name, value)

@@ -120,14 +120,18 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
     return torch.stack([hit[:, :k].any(1).sum() for k in ks]).float()
 
 
-def knn_scores(bank: Features, query: Features, num_classes: int, ks: Sequence[int] = (200,), t: float = 0.1
-               ) -> Dict[int, Tuple[float, float]]:
+def knn_scores(bank: Features, query: Features, num_classes: int, ks: Sequence[int] = (200,), t: float = 0.1,
+               sim_budget: int = SIM_BUDGET) -> Dict[int, Tuple[float, float]]:
     """``{k: (top-1 %, top-5 %)}`` of weighted kNN; ``bank`` is the whole bank (gathered),
     ``query`` this rank's queries; counts are summed over ranks."""
-    votes = knn_votes_per_k(query.feats, bank.feats, bank.labels, num_classes, ks, t)
+    votes = knn_votes_per_k(query.feats, bank.feats, bank.labels, num_classes, ks, t, sim_budget=sim_budget)
     counts = torch.stack([torch.cat([topk_correct(v, query.labels), query.feats.new_tensor([len(query)])])
                           for v in votes])
-    counts = all_reduce_sum(counts).tolist()  # one host sync for all k
+    return _percent(all_reduce_sum(counts).tolist(), ks)  # one host sync for all k
+
+
+def _percent(counts: List[List[float]], ks: Sequence[int]) -> Dict[int, Tuple[float, float]]:
+    """``{k: (top-1 %, top-5 %)}`` from per-k ``(top-1 hits, top-5 hits, queries)``."""
     total = counts[0][2]
     if total == 0:
         raise FastByolError("the kNN query set holds no readable image")
@@ -228,15 +232,10 @@ def knn_scores_from_shards(bank: Features, query: Features, num_classes: int, ks
     nbytes = n_bank * bank.feats.shape[1] * bank.feats.element_size()
     sharded = rank_and_world()[1] > 1 and nbytes > gather_budget
     if sharded:
-        counts = sharded_knn_counts(bank, query, num_classes, ks, t, sim_budget).tolist()
+        scores = _percent(sharded_knn_counts(bank, query, num_classes, ks, t, sim_budget).tolist(), ks)
     else:
         whole = gather_bank(bank)
-        del bank
-        votes = knn_votes_per_k(query.feats, whole.feats, whole.labels, num_classes, ks, t, sim_budget=sim_budget)
-        counts = torch.stack([torch.cat([topk_correct(v, query.labels), v.new_tensor([len(query)])])
-                              for v in votes])
-        counts = all_reduce_sum(counts).tolist()
-    total = counts[0][2]
-    scores = {k: (100.0 * c[0] / total, 100.0 * c[1] / total) for k, c in zip(ks, counts)}
+        del bank  # this rank's shard, copied into the gathered bank: not held twice while voting
+        scores = knn_scores(whole, query, num_classes, ks, t, sim_budget)
     return scores, {"bank_images": n_bank, "bank_bytes": nbytes, "path": "sharded" if sharded else "gathered",
                     "unreadable": sizes[2], "query_unreadable": sizes[3]}

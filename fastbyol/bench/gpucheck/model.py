@@ -11,7 +11,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Dict, Optional
 
-import numpy as np
 import torch
 
 from fastbyol.augment import augment_pair, draw_batch
@@ -90,7 +89,7 @@ def calibration(parts: Dict) -> Dict:
         "compute step": (synthetic and 1e3 * synthetic["batch"] / synthetic["img_s"],
                          "part c: fastbyol-synthetic, the step on pre-made views"),
     }
-    modelled = {k: v for k, v in m.items()}
+    modelled = dict(m)
     modelled["compute step"] = m["step"] - m.get("augmentation", 0.0)
     rows = []
     for stage, (ms, source) in measured.items():

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastbyol_kernels.augment import adjust_hue, gaussian_blur  # the torch ops the fused kernel is tested against
+from fastbyol_kernels._backend import use_triton
+from fastbyol_kernels.augment import adjust_hue, gaussian_blur, photometric  # hue and blur: the fused kernel's references too
 
 from .config import AugmentConfig, ViewConfig
 
@@ -312,8 +313,6 @@ def augment_pair(crops: torch.Tensor, cfg: AugmentConfig, draws: Tuple[ViewDraws
     views' draws (numpy or tensors; moved to the crops' device). ``backend`` (``train.kernels``):
     ``torch`` runs :func:`augment_view`; ``triton``, or ``auto`` on CUDA, the fused kernel
     (:func:`fused_view`), which gives the same views to fp32 rounding."""
-    from fastbyol_kernels._backend import use_triton
-
     if backend != "torch" and use_triton(backend, [crops]):
         return (fused_view(crops[:, 0], cfg.view1, cfg, draws[0], out_dtype, channels_last, backend),
                 fused_view(crops[:, 1], cfg.view2, cfg, draws[1], out_dtype, channels_last, backend))
@@ -346,8 +345,6 @@ def fused_view(x: torch.Tensor, view: ViewConfig, cfg: AugmentConfig, d: ViewDra
     samples (host-known from the draws: no device sync) blurred in between by two more
     passes (:func:`gaussian_blur`'s blur). Same draws, same order of ops; values equal to the
     torch path's to fp32 rounding."""
-    from fastbyol_kernels.augment import photometric
-
     d = _on_host(d)
     blurred = np.flatnonzero(d.blur) if view.blur_p > 0 else None
     sigma = None if blurred is None else d.sigma[blurred]

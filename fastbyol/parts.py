@@ -27,7 +27,7 @@ from .engines import Engine, LocalEngine
 from .errors import FastByolError
 from .model import BYOL
 from .optim import build_optimizer
-from .runtime import DistInfo, check_writable, resolve_device, seed_everything
+from .runtime import DistInfo, check_writable, micro_batch_size, resolve_device, seed_everything
 from .schedules import scaled_lr
 
 log = logging.getLogger("fastbyol")
@@ -88,15 +88,6 @@ def run_header(cfg: Config, dist: DistInfo, device: torch.device, train_src, val
             f"{f' (stop at step {t.max_steps})' if t.max_steps else ''}; out {t.out}")
 
 
-def micro_batch_size(cfg: Config, dist: DistInfo) -> int:
-    """One rank's micro-batch: the global batch over ranks and accumulated micro-batches."""
-    t = cfg.train
-    if t.batch_size % (dist.world_size * cfg.dist.grad_accum):
-        raise FastByolError(f"train.batch_size {t.batch_size} is not divisible by world size "
-                            f"{dist.world_size} x dist.grad_accum {cfg.dist.grad_accum}")
-    return t.batch_size // (dist.world_size * cfg.dist.grad_accum)
-
-
 def local_engine(model: BYOL, cfg: Config, device: torch.device, dist: DistInfo) -> LocalEngine:
     """The default engine: one process, the configured optimizer at the scaled peak lr."""
     opt = build_optimizer(model.online, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.train.batch_size),
@@ -124,7 +115,7 @@ def build_parts(cfg: Config, dist: Optional[DistInfo] = None, *,
     """
     cfg.validate()
     dist = dist or DistInfo()
-    micro_batch = micro_batch_size(cfg, dist)
+    micro_batch = micro_batch_size(cfg, dist.world_size)
     if dist.is_main:
         check_writable(cfg.train.out)
     device = resolve_device(cfg.train.device, dist)

@@ -55,3 +55,13 @@ def check_writable(out: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise FastByolError(f"cannot write to --out {out!r}: {e.strerror or e}") from None
+
+
+def micro_batch_size(cfg, world_size: int) -> int:
+    """One rank's micro-batch: ``train.batch_size`` over ``world_size`` ranks and ``dist.grad_accum``
+    accumulated micro-batches (the trainer's and DeepSpeed's batch fields both come from it)."""
+    batch, accum = cfg.train.batch_size, cfg.dist.grad_accum
+    if batch % (world_size * accum):
+        raise FastByolError(f"train.batch_size {batch} is not divisible by world size {world_size} x "
+                            f"dist.grad_accum {accum}")
+    return batch // (world_size * accum)

@@ -22,9 +22,9 @@ from .errors import EXIT_CODES, FastByolError
 from .finite import describe_nonfinite, nonfinite_flag, state_tensors
 from .eval.knn import knn_accuracy
 from .monitor import Monitor, collapse_std
-from .parts import EngineFactory, TrainerParts, batch_too_large, build_parts, micro_batch_size
+from .parts import EngineFactory, TrainerParts, batch_too_large, build_parts
 from .resume import check_resume_config, resolve_resume
-from .runtime import DistInfo
+from .runtime import DistInfo, micro_batch_size
 from .schedules import lr_at, scaled_lr, tau_at
 from .stop import StopAgreement, StopSignals, TrainingStopped
 
@@ -46,7 +46,7 @@ class Trainer:
         t = cfg.train
         self.train_src, self.val_src = parts.train_src, parts.val_src
         self.loader, self.model, self.engine = parts.loader, parts.model, parts.engine
-        self.micro_batch = micro_batch_size(cfg, self.dist)
+        self.micro_batch = micro_batch_size(cfg, self.dist.world_size)
         self.steps_per_epoch = len(self.loader) // cfg.dist.grad_accum
         if self.steps_per_epoch < 1:
             raise FastByolError(batch_too_large(cfg, len(self.train_src), parts.data_description))

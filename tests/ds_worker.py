@@ -112,7 +112,8 @@ def record_syncs(trainer, record: Dict, warmup: int = 2) -> None:
 def train_on_fixed_chunks(cfg, dist, engine: str = "deepspeed", overflow_at: int = -1,
                           syncs: bool = False) -> Dict:
     """Build the trainer (DeepSpeed or local), swap in FixedChunks, fit, return the record."""
-    from fastbyol.parts import build_parts, micro_batch_size
+    from fastbyol.parts import build_parts
+    from fastbyol.runtime import micro_batch_size
     from fastbyol.trainer import Trainer
 
     factory = None
@@ -121,7 +122,7 @@ def train_on_fixed_chunks(cfg, dist, engine: str = "deepspeed", overflow_at: int
 
         factory = deepspeed_engine_factory(cfg, dist)
     parts = build_parts(cfg, dist, engine_factory=factory)
-    parts.loader = FixedChunks(len(parts.loader), micro_batch_size(cfg, dist), cfg.augment.image_size, dist.rank,
+    parts.loader = FixedChunks(len(parts.loader), micro_batch_size(cfg, dist.world_size), cfg.augment.image_size, dist.rank,
                                dist.world_size, cfg.dist.grad_accum, parts.device)
     trainer = Trainer(cfg, parts)
     record = instrument(trainer, overflow_at=overflow_at, rank=dist.rank)

@@ -9,6 +9,7 @@ from typing import Any, Dict
 
 from ..config import Config
 from ..errors import FastByolError
+from ..runtime import micro_batch_size
 
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 _DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
@@ -18,12 +19,8 @@ _DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
 
 def batch_numbers(cfg: Config, world: int) -> Dict[str, int]:
     """DeepSpeed's three batch fields from fastbyol's global batch, accumulation and world size."""
-    batch, accum = cfg.train.batch_size, cfg.dist.grad_accum
-    if batch % (world * accum):
-        raise FastByolError(f"train.batch_size {batch} is not divisible by world size {world} x "
-                            f"dist.grad_accum {accum}")
-    return {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch // (world * accum),
-            "gradient_accumulation_steps": accum}
+    return {"train_batch_size": cfg.train.batch_size, "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world),
+            "gradient_accumulation_steps": cfg.dist.grad_accum}
 
 
 def _finish(ds: Dict[str, Any], cfg: Config, source: str) -> Dict[str, Any]:

@@ -25,8 +25,9 @@ class TwoViews:
     Args:
         cfg: the augmentation (default: BYOL's two views, ImageNet statistics, at 224 px).
         which: ``(0, 1)`` both views; ``(0,)`` or ``(1,)`` only that one (returned alone).
-        kernels: the photometric half by the fused Triton kernel (``triton``, or ``auto`` on
-            CUDA; :func:`~fastbyol.augment.fused_view`) or by the torch ops (``torch``).
+        kernels: the photometric half by the fused Triton kernel (``triton``; ``auto``, the
+            default: on CUDA, as training does; :func:`~fastbyol.augment.fused_view`) or by
+            the torch ops (``torch``; ``auto`` on a CPU).
 
     Random choices: ``keys = (seed, epoch, indices)`` gives image ``k`` the choices of sample
     ``indices[k]`` (:func:`~fastbyol.augment.draw_samples`, the loaders' counter-based draws);
@@ -40,7 +41,7 @@ class TwoViews:
         (torch.Size([4, 3, 16, 16]), torch.Size([4, 3, 16, 16]))
     """
 
-    def __init__(self, cfg: Optional[AugmentConfig] = None, which: Tuple[int, ...] = (0, 1), kernels: str = "torch"):
+    def __init__(self, cfg: Optional[AugmentConfig] = None, which: Tuple[int, ...] = (0, 1), kernels: str = "auto"):
         self.cfg = cfg or AugmentConfig()
         self.which = tuple(which)
         self.kernels = kernels

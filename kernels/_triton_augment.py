@@ -1,28 +1,36 @@
 """Triton kernel of the fused photometric augmentation (imported only when the fused path runs;
 see augment.py for the contract and the reference, launches.py for every launch).
 
-One kernel, four passes (``PASS``, run in the order 0, 1, 3, 2), each program one tile of
-``BLOCK`` pixels (all three channels) of one sample:
+One kernel, three passes (``PASS``, run in the order 0, 1, 2):
 
-* ``PASS == 0``: contrast's per-image mean. The grey mean contrast blends towards is the mean
-  of the image as the ops *before* contrast in the sample's order left it, so this pass runs
-  those ops and writes the tile's sum of grey (``partial[b, tile]``; left 0 where contrast
-  does not run, and then not read). Reads the input once more (1 byte a value for uint8 crops).
-* ``PASS == 1``: flip, the four colour-jitter ops in the sample's order, grayscale; then,
-  for a sample not blurred, solarisation, normalisation and the cast to the output dtype;
-  for a blurred one (blur sits between grayscale and solarisation) fp32 into its slot of
-  ``scratch``.
-* ``PASS == 3`` (blurred samples): the horizontal half of the separable Gaussian blur,
-  ``scratch`` -> ``scratch2`` (fp32).
-* ``PASS == 2`` (blurred samples): the vertical half from ``scratch2``, then solarisation,
-  normalisation and the cast.
+* ``PASS == 0``: contrast's per-image mean, one program a tile of ``BLOCK`` pixels (all three
+  channels) of one sample. The grey mean contrast blends towards is the mean of the image as
+  the ops *before* contrast in the sample's order left it, so this pass runs those ops and
+  writes the tile's sum of grey (``partial[b, tile]``; left 0 where contrast does not run,
+  and then not read). Reads the input once more (1 byte a value for uint8 crops).
+* ``PASS == 1``: the samples not blurred, one program a tile of ``BLOCK`` pixels: flip, the
+  four colour-jitter ops in the sample's order, grayscale, solarisation, normalisation and
+  the cast to the output dtype. Programs of a blurred sample return at once.
+* ``PASS == 2``: the blurred samples, one program a block of ``BLUR_TILE - 2·(BLUR_K // 2)``
+  rows by ``BLUR_COLS`` columns of output. It reads and colours (the same ops as pass 1) the
+  block and its halo, ``BLUR_ROWS`` x ``BLUR_ROWS`` pixels at a time, blurs it, then
+  solarises, normalises and casts: the halo is read and coloured again by the neighbouring
+  programs instead of the whole image going through memory in fp32 between the colour ops
+  and the blur. Each half of the separable blur is a matrix product, ``x @ Gw`` along rows
+  then ``Ghᵀ @ ·`` along columns, where ``G[i, o]`` is the weight source pixel ``i`` has in
+  output pixel ``o`` (the reflect padding folded in): Triton has no indexed access to values
+  held in registers, and a banded matrix product is how a tile's values reach their
+  neighbours without a round trip through memory. The products are IEEE fp32
+  (``input_precision="ieee"``, on the CUDA cores): tf32 would round the pixels to 10 bits,
+  coarser than a bf16 output's rounding, and the interpreter (numpy) would not see it.
 
 The blur is ``fastbyol.augment.gaussian_blur``'s: ``BLUR_K`` taps (odd) of weights
 ``exp(-d² / 2σ²)`` normalised to sum 1, reflect padding (no edge repeat), and on an image
 smaller than the kernel the taps cut to ``min(K // 2, size - 1)`` each side and renormalised.
 
 Every division is IEEE (``div_rn``), as torch's, so the fp32 values match the torch path to
-the rounding of fused multiply-adds (and, in the blur weights, of ``exp``).
+the rounding of fused multiply-adds (and, in the blur weights, of ``exp`` and of the order
+of the sums).
 """
 import triton
 import triton.language as tl
@@ -30,6 +38,9 @@ import triton.language as tl
 # Columns of the per-sample parameter table (augment.PARAM_COLUMNS).
 _FLIP, _JITTER, _FACTOR, _ORDER = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(6)
 _GRAY, _SOLARIZE, _NCOL = tl.constexpr(10), tl.constexpr(11), tl.constexpr(12)
+# The blur's matrix products: three tf32 products a product (fp32 to about 2^-21 of the value,
+# on the tensor cores); see the module docstring.
+_PRECISION = tl.constexpr("ieee")
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 _R, _G, _B = tl.constexpr(0.299), tl.constexpr(0.587), tl.constexpr(0.114)
 
@@ -101,94 +112,156 @@ def _jitter_op(op, r, g, b, prm, m):
 
 
 @triton.jit
-def _finish(r, g, b, prm, mean0, mean1, mean2, std0, std1, std2):
-    # Solarisation (x >= 0.5 -> 1 - x) for the samples that draw it, then (x - mean) / std.
-    if tl.load(prm + _SOLARIZE) != 0:
-        r = tl.where(r >= 0.5, 1.0 - r, r)
-        g = tl.where(g >= 0.5, 1.0 - g, g)
-        b = tl.where(b >= 0.5, 1.0 - b, b)
-    return (tl.math.div_rn(r - mean0, std0), tl.math.div_rn(g - mean1, std1), tl.math.div_rn(b - mean2, std2))
+def _finish(v, solarize, mean, std):
+    # One channel: solarisation (x >= 0.5 -> 1 - x) where the sample draws it, then (x - mean) / std.
+    if solarize:
+        v = tl.where(v >= 0.5, 1.0 - v, v)
+    return tl.math.div_rn(v - mean, std)
 
 
 @triton.jit
-def _blur_1d(src, pos, size, step, plane, pm, sigma, BLUR_K: tl.constexpr):
-    # One separable half of the Gaussian blur along an axis of ``size`` pixels, all three
-    # planes (``plane`` apart): ``pos`` is each pixel's index on the axis, ``step`` the
-    # distance between neighbours along it.
-    half: tl.constexpr = BLUR_K // 2
-    reach = tl.minimum(size - 1, half)  # taps each side: fewer on an image smaller than the kernel
-    two_var = 2.0 * sigma * sigma
-    total = sigma * 0.0
-    for d in range(-half, half + 1):
-        total += tl.where(d * d <= reach * reach, tl.exp(-(d * d * 1.0) / two_var), 0.0)
-    r = pos.to(tl.float32) * 0.0
-    g = r
-    b = r
-    # A loop, not unrolled: 3 x K loads in flight at once would take 140+ registers.
-    for d in range(-half, half + 1):
-        wt = tl.where(d * d <= reach * reach, tl.math.div_rn(tl.exp(-(d * d * 1.0) / two_var), total), 0.0)
-        i = pos + d
-        i = tl.where(i < 0, -i, i)  # reflect about the edge pixel: -1 -> 1
-        i = tl.where(i > size - 1, 2 * (size - 1) - i, i)
-        i = tl.minimum(tl.maximum(i, 0), size - 1)  # taps past ``reach`` (weight 0) stay in bounds
-        at = src + (i - pos) * step
-        r += wt * tl.load(at, mask=pm, other=0.0)
-        g += wt * tl.load(at + plane, mask=pm, other=0.0)
-        b += wt * tl.load(at + 2 * plane, mask=pm, other=0.0)
+def _load_rgb(x_ptr, b_id, hh, ww, mask, W, sxb, sxc, sxh, sxw, prm, IN_UINT8: tl.constexpr):
+    # The sample's pixels at rows ``hh``, columns ``ww`` (any shape) after the flip, in [0, 1].
+    flip = tl.load(prm + _FLIP) != 0
+    src = x_ptr + b_id * sxb + hh * sxh + tl.where(flip, W - 1 - ww, ww) * sxw
+    r = tl.load(src, mask=mask, other=0).to(tl.float32)
+    g = tl.load(src + sxc, mask=mask, other=0).to(tl.float32)
+    b = tl.load(src + 2 * sxc, mask=mask, other=0).to(tl.float32)
+    if IN_UINT8:
+        r, g, b = tl.math.div_rn(r, 255.0), tl.math.div_rn(g, 255.0), tl.math.div_rn(b, 255.0)
     return r, g, b
 
 
 @triton.jit
-def photometric_kernel(x_ptr, params_ptr, partial_ptr, out_ptr, scratch_ptr, slot_ptr, rows_ptr,
-                       scratch2_ptr, sigma_ptr,
+def _contrast_mean(prm, partial_ptr, b_id, n_tiles, hw, BLOCK_TILES: tl.constexpr):
+    # The grey mean contrast blends towards, from pass 0's per-tile sums (0 where contrast does not run).
+    t = tl.arange(0, BLOCK_TILES)
+    grey_sum = tl.sum(tl.load(partial_ptr + b_id * n_tiles + t, mask=t < n_tiles, other=0.0), axis=0)
+    return tl.math.div_rn(grey_sum, hw.to(tl.float32))
+
+
+@triton.jit
+def _colour(r, g, b, prm, m):
+    # The colour jitter in the sample's order (contrast towards the grey mean m), then grayscale.
+    if tl.load(prm + _JITTER) != 0:
+        for st in tl.static_range(4):
+            r, g, b = _jitter_op(tl.load(prm + _ORDER + st), r, g, b, prm, m)
+    if tl.load(prm + _GRAY) != 0:
+        y = _gray(r, g, b)
+        r, g, b = y, y, y
+    return r, g, b
+
+
+@triton.jit
+def _blur_total(size, sigma, BLUR_K: tl.constexpr):
+    # The sum of the taps' weights along an axis of ``size`` pixels: fewer taps (reach) on an
+    # image smaller than the kernel, renormalised to 1 by this sum.
+    half: tl.constexpr = BLUR_K // 2
+    reach = tl.minimum(size - 1, half)
+    total = sigma * 0.0
+    for d in range(-half, half + 1):
+        total += tl.where(d * d <= reach * reach, tl.exp(-(d * d * 1.0) / (2.0 * sigma * sigma)), 0.0)
+    return total
+
+
+@triton.jit
+def _blur_weights(src, dst, size, sigma, total, BLUR_K: tl.constexpr):
+    # The weight of source pixel ``src`` in output pixel ``dst`` along an axis of ``size`` pixels
+    # (broadcast: one a row, the other a column). Tap d of output o reads o + d, reflected about
+    # the edge pixels (-1 -> 1, size -> size - 2); src is hit by d = src - o directly, by
+    # d = -src - o through the first edge and d = 2(size - 1) - src - o through the last.
+    half: tl.constexpr = BLUR_K // 2
+    reach = tl.minimum(size - 1, half)
+    valid = (src >= 0) & (src < size)
+    w = src * 0.0 + dst * 0.0
+    for k in tl.static_range(3):
+        if k == 0:
+            d, hit = src - dst, valid
+        elif k == 1:
+            d, hit = -src - dst, valid & (src > 0)
+        else:
+            d, hit = 2 * (size - 1) - src - dst, valid & (src < size - 1)
+        w += tl.where(hit & (d * d <= reach * reach), tl.exp(-(d * d).to(tl.float32) / (2.0 * sigma * sigma)), 0.0)
+    return tl.math.div_rn(w, total)
+
+
+@triton.jit
+def _finish_store(v, dst, mask, solarize, mean, std):
+    tl.store(dst, _finish(v, solarize, mean, std).to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def photometric_kernel(x_ptr, params_ptr, partial_ptr, out_ptr, slot_ptr, rows_ptr, sigma_ptr,
                        H, W, n_tiles, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                        mean0, mean1, mean2, std0, std1, std2,
                        PASS: tl.constexpr, IN_UINT8: tl.constexpr, BLOCK: tl.constexpr, BLOCK_TILES: tl.constexpr,
-                       BLUR_K: tl.constexpr):
-    tile = tl.program_id(0)
+                       BLUR_K: tl.constexpr, BLUR_TILE: tl.constexpr, BLUR_COLS: tl.constexpr, BLUR_ROWS: tl.constexpr):
     hw = H * W
+    if PASS == 2:
+        row = tl.program_id(1)  # the blurred sample's index in rows / sigma
+        b_id = tl.load(rows_ptr + row).to(tl.int64)
+        prm = params_ptr + b_id * _NCOL
+        sigma = tl.load(sigma_ptr + row)
+        half: tl.constexpr = BLUR_K // 2
+        OUT: tl.constexpr = BLUR_TILE - 2 * half  # output rows
+        tiles_w = (W + BLUR_COLS - 1) // BLUR_COLS
+        h0 = (tl.program_id(0) // tiles_w) * OUT
+        w0 = (tl.program_id(0) % tiles_w) * BLUR_COLS
+        k = tl.arange(0, BLUR_TILE)
+        kc = tl.arange(0, BLUR_COLS)
+        kr = tl.arange(0, BLUR_ROWS)
+        m = _contrast_mean(prm, partial_ptr, b_id, n_tiles, hw, BLOCK_TILES)
+        total_w = _blur_total(W, sigma, BLUR_K)
+        total_h = _blur_total(H, sigma, BLUR_K)
+        # Slabs of BLUR_ROWS input rows: each blurred along its rows (its column blocks summed into
+        # ``row_*``), then added into every output row it reaches (``acc_*``).
+        acc_r = tl.zeros((BLUR_TILE, BLUR_COLS), tl.float32)
+        acc_g = acc_r
+        acc_b = acc_r
+        for c in range(0, BLUR_TILE, BLUR_ROWS):
+            hh = h0 - half + c + kr
+            row_r = tl.zeros((BLUR_ROWS, BLUR_COLS), tl.float32)
+            row_g = row_r
+            row_b = row_r
+            for c2 in range(0, BLUR_COLS + 2 * half, BLUR_ROWS):
+                wc = w0 - half + c2 + kr
+                inside = (hh[:, None] >= 0) & (hh[:, None] < H) & (wc[None, :] >= 0) & (wc[None, :] < W)
+                r, g, b = _load_rgb(x_ptr, b_id, hh[:, None], wc[None, :], inside, W, sxb, sxc, sxh, sxw, prm, IN_UINT8)
+                r, g, b = _colour(r, g, b, prm, m)
+                # outside the image: weight 0, and zeroed, so that no value there reaches a sum
+                gw = _blur_weights(wc[:, None], (w0 + kc)[None, :], W, sigma, total_w, BLUR_K)  # [source col, output col]
+                row_r = tl.dot(tl.where(inside, r, 0.0), gw, row_r, input_precision=_PRECISION)
+                row_g = tl.dot(tl.where(inside, g, 0.0), gw, row_g, input_precision=_PRECISION)
+                row_b = tl.dot(tl.where(inside, b, 0.0), gw, row_b, input_precision=_PRECISION)
+            gh_t = _blur_weights(hh[None, :], (h0 + k)[:, None], H, sigma, total_h, BLUR_K)  # [output row, source row]
+            acc_r = tl.dot(gh_t, row_r, acc_r, input_precision=_PRECISION)
+            acc_g = tl.dot(gh_t, row_g, acc_g, input_precision=_PRECISION)
+            acc_b = tl.dot(gh_t, row_b, acc_b, input_precision=_PRECISION)
+        oh = (h0 + k)[:, None]
+        ow = (w0 + kc)[None, :]
+        omask = (k[:, None] < OUT) & (oh < H) & (ow < W)
+        dst = out_ptr + b_id * sob + oh * soh + ow * sow
+        solarize = tl.load(prm + _SOLARIZE) != 0
+        _finish_store(acc_r, dst, omask, solarize, mean0, std0)
+        _finish_store(acc_g, dst + soc, omask, solarize, mean1, std1)
+        _finish_store(acc_b, dst + 2 * soc, omask, solarize, mean2, std2)
+        return
+    tile = tl.program_id(0)
+    b_id = tl.program_id(1).to(tl.int64)
+    prm = params_ptr + b_id * _NCOL
+    if PASS == 0:
+        c_stage = tl.full((), 4, tl.int32)  # the stage contrast runs at; 4: it does not run
+        for st in tl.static_range(4):
+            c_stage = tl.where((tl.load(prm + _JITTER) != 0) & (tl.load(prm + _ORDER + st) == 1), st, c_stage)
+        if c_stage == 4:
+            return  # its partial sums stay 0 (zeroed by the host) and are not used
+    elif tl.load(slot_ptr + b_id) >= 0:
+        return  # blurred: pass 2 makes this sample's view
     idx = tile * BLOCK + tl.arange(0, BLOCK)
     pm = idx < hw
     hh = idx // W
     ww = idx % W
-    if PASS == 3:
-        row = tl.program_id(1)  # slot in scratch
-        sigma = tl.load(sigma_ptr + row)
-        base = row.to(tl.int64) * 3 * hw + idx
-        r, g, b = _blur_1d(scratch_ptr + base, ww, W, 1, hw, pm, sigma, BLUR_K)
-        tl.store(scratch2_ptr + base, r, mask=pm)
-        tl.store(scratch2_ptr + base + hw, g, mask=pm)
-        tl.store(scratch2_ptr + base + 2 * hw, b, mask=pm)
-        return
-    if PASS == 2:
-        row = tl.program_id(1)  # slot in scratch
-        b_id = tl.load(rows_ptr + row).to(tl.int64)
-        prm = params_ptr + b_id * _NCOL
-        sigma = tl.load(sigma_ptr + row)
-        r, g, b = _blur_1d(scratch2_ptr + row.to(tl.int64) * 3 * hw + idx, hh, H, W, hw, pm, sigma, BLUR_K)
-        r, g, b = _finish(r, g, b, prm, mean0, mean1, mean2, std0, std1, std2)
-        dst = out_ptr + b_id * sob + hh * soh + ww * sow
-        tl.store(dst, r.to(out_ptr.dtype.element_ty), mask=pm)
-        tl.store(dst + soc, g.to(out_ptr.dtype.element_ty), mask=pm)
-        tl.store(dst + 2 * soc, b.to(out_ptr.dtype.element_ty), mask=pm)
-        return
-    b_id = tl.program_id(1).to(tl.int64)
-    prm = params_ptr + b_id * _NCOL
-    jitter = tl.load(prm + _JITTER) != 0
-    if PASS == 0:
-        c_stage = tl.full((), 4, tl.int32)  # the stage contrast runs at; 4: it does not run
-        for st in tl.static_range(4):
-            c_stage = tl.where(jitter & (tl.load(prm + _ORDER + st) == 1), st, c_stage)
-        if c_stage == 4:
-            return  # its partial sums stay 0 (zeroed by the host) and are not used
-    flip = tl.load(prm + _FLIP) != 0
-    src_w = tl.where(flip, W - 1 - ww, ww)
-    src = x_ptr + b_id * sxb + hh * sxh + src_w * sxw
-    r = tl.load(src, mask=pm, other=0).to(tl.float32)
-    g = tl.load(src + sxc, mask=pm, other=0).to(tl.float32)
-    b = tl.load(src + 2 * sxc, mask=pm, other=0).to(tl.float32)
-    if IN_UINT8:
-        r, g, b = tl.math.div_rn(r, 255.0), tl.math.div_rn(g, 255.0), tl.math.div_rn(b, 255.0)
+    r, g, b = _load_rgb(x_ptr, b_id, hh, ww, pm, W, sxb, sxc, sxh, sxw, prm, IN_UINT8)
     if PASS == 0:
         for st in tl.static_range(3):
             if st < c_stage:
@@ -196,24 +269,9 @@ def photometric_kernel(x_ptr, params_ptr, partial_ptr, out_ptr, scratch_ptr, slo
         y = tl.where(pm, _gray(r, g, b), 0.0)
         tl.store(partial_ptr + b_id * n_tiles + tile, tl.sum(y, axis=0))
         return
-    if jitter:
-        t = tl.arange(0, BLOCK_TILES)
-        grey_sum = tl.sum(tl.load(partial_ptr + b_id * n_tiles + t, mask=t < n_tiles, other=0.0), axis=0)
-        m = tl.math.div_rn(grey_sum, hw.to(tl.float32))  # contrast's grey mean (0 if contrast does not run)
-        for st in tl.static_range(4):
-            r, g, b = _jitter_op(tl.load(prm + _ORDER + st), r, g, b, prm, m)
-    if tl.load(prm + _GRAY) != 0:
-        y = _gray(r, g, b)
-        r, g, b = y, y, y
-    slot = tl.load(slot_ptr + b_id)
-    if slot >= 0:  # blurred next (by the caller): fp32, then PASS 2 finishes it
-        tmp = scratch_ptr + slot.to(tl.int64) * 3 * hw + idx
-        tl.store(tmp, r, mask=pm)
-        tl.store(tmp + hw, g, mask=pm)
-        tl.store(tmp + 2 * hw, b, mask=pm)
-    else:
-        r, g, b = _finish(r, g, b, prm, mean0, mean1, mean2, std0, std1, std2)
-        dst = out_ptr + b_id * sob + hh * soh + ww * sow
-        tl.store(dst, r.to(out_ptr.dtype.element_ty), mask=pm)
-        tl.store(dst + soc, g.to(out_ptr.dtype.element_ty), mask=pm)
-        tl.store(dst + 2 * soc, b.to(out_ptr.dtype.element_ty), mask=pm)
+    r, g, b = _colour(r, g, b, prm, _contrast_mean(prm, partial_ptr, b_id, n_tiles, hw, BLOCK_TILES))
+    solarize = tl.load(prm + _SOLARIZE) != 0
+    dst = out_ptr + b_id * sob + hh * soh + ww * sow
+    _finish_store(r, dst, pm, solarize, mean0, std0)
+    _finish_store(g, dst + soc, pm, solarize, mean1, std1)
+    _finish_store(b, dst + 2 * soc, pm, solarize, mean2, std2)

@@ -196,8 +196,8 @@ def expects_vectors(launch: Launch) -> Tuple[bool, bool]:
     if launch.kernel in ("ema_kernel", "lars_update_kernel"):
         aligned = bool(launch.constexprs["ALIGNED"])
         return aligned, aligned
-    if launch.kernel == "photometric_kernel":  # the fp32 scratch: written by pass 1, read by pass 2
-        return launch.constexprs["PASS"] == 2, launch.constexprs["PASS"] == 1
+    if launch.kernel == "photometric_kernel":  # uint8 gathers (flip), strided stores: nothing vectorised
+        return False, False
     if launch.kernel == "lars_norms_kernel":  # stores nothing but two atomics a block
         return bool(launch.constexprs["ALIGNED"]), False
     a = launch.args
@@ -291,7 +291,7 @@ AUGMENT_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def augment_launches_for(B: int, S: int, out_dtype: torch.dtype, in_dtype: torch.dtype = torch.uint8,
                          channels_last: bool = False, device="meta") -> List[Launch]:
-    """The four passes of :func:`~.augment.photometric` for ``B`` views of ``S``² pixels: uint8
+    """The three passes of :func:`~.augment.photometric` for ``B`` views of ``S``² pixels: uint8
     crops as the loader's (``crops[:, k]`` of ``[B, 2, 3, S, S]``) or float images, a tenth blurred."""
     if in_dtype == torch.uint8:
         x = torch.empty(B, 2, 3, S, S, dtype=in_dtype, device=device)[:, 0]
@@ -301,9 +301,8 @@ def augment_launches_for(B: int, S: int, out_dtype: torch.dtype, in_dtype: torch
     out = torch.empty(B, 3, S, S, dtype=out_dtype, device=device, memory_format=fmt)
     n_blur = max(1, B // 10)
     params = torch.empty(B, 12, device=device)
-    scratch = [torch.empty(n_blur, 3, S, S, device=device) for _ in range(2)]
     return photometric_launches(x, params, out, torch.empty(B, dtype=torch.int32, device=device),
-                                torch.empty(n_blur, dtype=torch.int32, device=device), *scratch,
+                                torch.empty(n_blur, dtype=torch.int32, device=device),
                                 torch.empty(n_blur, device=device), (0.5,) * 3, (0.25,) * 3, blur_kernel_size(S))
 
 
@@ -391,7 +390,7 @@ def selection(name: str, capabilities: Sequence[int] = CAPABILITIES) -> List[Tup
     lars = unique(lars_specialisations())
     variants = [ema[0], next(x for x in ema if x.args["m_ptr"].dtype == torch.float64)] + loss_launches_for(4096, 256, torch.float32)[:2]
     variants += [x for x in lars if x.constexprs["ALIGNED"] and x.args["sq_ptr"].dtype == torch.float32][:2]
-    augment = unique(augment_launches_for(256, 224, torch.bfloat16))  # the four passes, as ImageNet trains
+    augment = unique(augment_launches_for(256, 224, torch.bfloat16))  # the three passes, as ImageNet trains
     first, rest = capabilities[0], capabilities[1:]
     return [(x, first) for x in ema + lars + loss + augment] + [(x, cc) for x in variants + augment[1:2] for cc in rest]
 

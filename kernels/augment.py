@@ -15,10 +15,11 @@ following row ``b`` of a parameter table (:data:`PARAM_COLUMNS`):
 6. ``(x - mean) / std`` per channel, rounded once to the output dtype.
 
 The Triton path reads each input value twice (a first pass for contrast's grey means) and
-writes each output value once; blurred samples also go through two fp32 scratch buffers
-(before the blur, and between its horizontal and vertical halves). Every op computes in fp32: the values match :func:`photometric_reference`
-(and ``fastbyol.augment.photometric_view``) to fp32 rounding, and a bf16/fp16 output is that
-fp32 value rounded to nearest even.
+writes each output value once; a blurred sample's blocks also read the pixels around them
+(the blur's halo), coloured again where they are read: nothing goes through memory in fp32.
+Every op computes in fp32: the values match :func:`photometric_reference` (and
+``fastbyol.augment.photometric_view``) to fp32 rounding, and a bf16/fp16 output is that fp32
+value rounded to nearest even.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from ._backend import use_triton
-from .launches import AUGMENT_PARAMS, photometric_launches
+from .launches import AUGMENT_PARAMS, blur_reads_and_flops, photometric_launches
 
 PARAM_COLUMNS = ("flip", "jitter", "brightness", "contrast", "saturation", "hue",
                  "order0", "order1", "order2", "order3", "gray", "solarize")
@@ -145,22 +146,26 @@ def _check(x, params, out_dtype, blurred, sigma, kernel_size) -> None:
 
 
 def photometric_bytes(B: int, size: int, out_bytes: int = 2, in_bytes: int = 1, blurred: int = 0,
-                      contrast: Optional[int] = None) -> dict:
+                      contrast: Optional[int] = None, kernel_size: int = 23) -> dict:
     """DRAM bytes the Triton path moves for one view of ``B`` images of ``size``² pixels (the
-    per-sample table and the grey sums aside; the blur's neighbouring taps counted as cache
-    hits), against the floor (read the input once, write the output once). ``contrast``:
-    samples whose contrast runs (pass 0 reads those; default all); ``blurred``: samples through
-    the two fp32 scratch buffers (each written once and read once).
+    per-sample table and the grey sums aside), against the floor (read the input once, write the
+    output once). ``contrast``: samples whose contrast runs (pass 0 reads those; default all);
+    ``blurred``: samples made by pass 2, whose blocks read their halo again (counted as DRAM
+    reads: no cache assumed, so this is an upper bound).
 
     Examples:
         >>> b = photometric_bytes(256, 224)  # nothing blurred: 1.33x the floor
         >>> round(b["total"] / b["floor"], 2)
         1.33
+        >>> b = photometric_bytes(256, 224, blurred=256)  # BYOL's view 1: every sample blurred
+        >>> round(b["total"] / b["floor"], 2)
+        1.92
     """
     values = 3 * size * size
     contrast = B if contrast is None else contrast
-    read = values * (in_bytes * contrast + in_bytes * B + 8 * blurred)
-    write = values * (out_bytes * B + 8 * blurred)
+    halo_pixels, _ = blur_reads_and_flops(size, size, kernel_size)
+    read = in_bytes * (values * (contrast + B - blurred) + 3 * halo_pixels * blurred)
+    write = values * out_bytes * B
     return {"read": read, "write": write, "total": read + write, "floor": values * B * (in_bytes + out_bytes)}
 
 
@@ -241,12 +246,7 @@ def photometric(x: torch.Tensor, params: torch.Tensor, mean: Sequence[float], st
     else:
         params = params.to(x.device, torch.float32).contiguous()
         rows, slots, sigma_dev = host_to_device(host, x.device)
-    if len(blurred):
-        before, between = (torch.empty(len(blurred), 3, H, W, device=x.device, dtype=torch.float32) for _ in range(2))
-    else:
-        before = between = params  # stand-ins, never touched
     kernel = _get_kernel()
-    for launch in photometric_launches(x, params, out, slots, rows, before, between, sigma_dev, mean, std,
-                                       kernel_size):
+    for launch in photometric_launches(x, params, out, slots, rows, sigma_dev, mean, std, kernel_size):
         launch.run(kernel)
     return out

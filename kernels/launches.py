@@ -180,43 +180,79 @@ def augment_blocks(hw: int) -> Tuple[int, int, int]:
     return block, _cdiv(hw, block), AUGMENT_WARPS
 
 
-def photometric_launches(x, params, out, slots, rows, scratch, scratch2, sigma, mean, std, blur_kernel_size: int) -> list:
+BLUR_ROWS = 16  # pass 2 colours its input tile 16 x 16 pixels at a time (a matrix product's least side)
+BLUR_COLS = 32  # output columns a pass-2 program
+BLUR_WARPS = 16  # its registers then cap at 128 a thread; at 8 warps the products' operands take 255
+
+
+def blur_tile(kernel_size: int) -> int:
+    """Input rows of a pass-2 program for a blur of ``kernel_size`` taps: a power of two (the
+    matrix product's side), at least 32 and at least twice the halo, so that the output rows
+    (``tile - 2·(kernel_size // 2)``) are at least half of it (64 at 23 taps: 42 rows)."""
+    return max(32, 1 << (4 * (kernel_size // 2) - 1).bit_length())
+
+
+def blur_tiles(H: int, W: int, kernel_size: int) -> Tuple[int, int, int]:
+    """``(input rows, output rows, programs a sample)`` of pass 2 on ``H x W`` images; a program
+    writes ``output rows x BLUR_COLS`` pixels and colours ``input rows x`` (``BLUR_COLS`` and the
+    halo, in whole ``BLUR_ROWS``)."""
+    tile = blur_tile(kernel_size)
+    out = tile - 2 * (kernel_size // 2)
+    return tile, out, _cdiv(H, out) * _cdiv(W, BLUR_COLS)
+
+
+def blur_reads_and_flops(H: int, W: int, kernel_size: int) -> Tuple[int, int]:
+    """Pixels pass 2 loads for one blurred ``H x W`` sample (each program its block and halo,
+    the image's edges masked off: a pixel in several programs' halos is counted in each) and
+    the FLOPs of its matrix products (three channels)."""
+    tile, out, _ = blur_tiles(H, W, kernel_size)
+    half = kernel_size // 2
+    in_cols = _cdiv(BLUR_COLS + 2 * half, BLUR_ROWS) * BLUR_ROWS
+
+    def covered(size, step, span):  # in-image pixels of each block's [start - half, start - half + span)
+        return sum(min(size, s - half + span) - max(0, s - half) for s in range(0, size, step))
+
+    slabs, chunks = tile // BLUR_ROWS, in_cols // BLUR_ROWS
+    per_program = 3 * (slabs * chunks * 2 * BLUR_ROWS * BLUR_ROWS * BLUR_COLS + slabs * 2 * tile * BLUR_ROWS * BLUR_COLS)
+    programs = _cdiv(H, out) * _cdiv(W, BLUR_COLS)
+    return covered(H, out, tile) * covered(W, BLUR_COLS, in_cols), per_program * programs
+
+
+def photometric_launches(x, params, out, slots, rows, sigma, mean, std, blur_kernel_size: int) -> list:
     """The passes of the fused photometric augmentation (:mod:`.augment`), in order.
 
     Args:
         x: ``[B, 3, H, W]`` uint8 (divided by 255) or float in [0, 1], any strides.
         params: fp32 ``[B, AUGMENT_PARAMS]`` contiguous, the per-sample table.
         out: ``[B, 3, H, W]`` output (fp32, bf16, fp16), any strides.
-        slots: int32 ``[B]``: the sample's row in ``scratch`` if it is blurred, else -1.
-        rows: int32 ``[n_blurred]``: the sample of each scratch row (``slots``' inverse).
-        scratch, scratch2: fp32 ``[n_blurred, 3, H, W]`` contiguous (any fp32 tensor when none
-            is blurred): before the blur, and after its horizontal half.
+        slots: int32 ``[B]``: the sample's index in ``rows`` if it is blurred, else -1.
+        rows: int32 ``[n_blurred]``: the blurred samples (``slots``' inverse).
         sigma: fp32 ``[n_blurred]``, each blurred sample's σ in pixels.
         mean, std: three floats each (normalisation).
         blur_kernel_size: the blur's taps (odd).
 
     Pass 0 (``B x tiles`` programs) writes contrast's per-tile grey sums into a zeroed
-    ``[B, tiles]`` fp32 table (``args["partial_ptr"]``); pass 1 the finished views of the
-    samples not blurred and the blurred samples' pre-blur values into ``scratch``; when some
-    sample is blurred (``n_blurred x tiles`` programs each), pass 3 blurs ``scratch`` along
-    rows into ``scratch2`` and pass 2 along columns, then finishes them into ``out``.
+    ``[B, tiles]`` fp32 table (``args["partial_ptr"]``); pass 1 (``B x tiles``) the views of
+    the samples not blurred; when some sample is blurred, pass 2 (``n_blurred x`` :func:`blur_tiles`)
+    theirs, colour and blur fused.
     """
     B, _, H, W = x.shape
     block, n_tiles, warps = augment_blocks(H * W)
+    tile, _, n_blur_tiles = blur_tiles(H, W, blur_kernel_size)
     partial = torch.zeros(B, n_tiles, device=x.device, dtype=torch.float32)
-    args = dict(x_ptr=x, params_ptr=params, partial_ptr=partial, out_ptr=out, scratch_ptr=scratch, slot_ptr=slots,
-                rows_ptr=rows, scratch2_ptr=scratch2, sigma_ptr=sigma, H=H, W=W, n_tiles=n_tiles,
+    args = dict(x_ptr=x, params_ptr=params, partial_ptr=partial, out_ptr=out, slot_ptr=slots, rows_ptr=rows,
+                sigma_ptr=sigma, H=H, W=W, n_tiles=n_tiles,
                 sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
                 sob=out.stride(0), soc=out.stride(1), soh=out.stride(2), sow=out.stride(3),
                 mean0=float(mean[0]), mean1=float(mean[1]), mean2=float(mean[2]),
                 std0=float(std[0]), std1=float(std[1]), std2=float(std[2]))
     const = dict(IN_UINT8=x.dtype == torch.uint8, BLOCK=block, BLOCK_TILES=max(2, 1 << (n_tiles - 1).bit_length()),
-                 BLUR_K=int(blur_kernel_size))
+                 BLUR_K=int(blur_kernel_size), BLUR_TILE=tile, BLUR_COLS=BLUR_COLS, BLUR_ROWS=BLUR_ROWS)
     launches = [Launch("_triton_augment", "photometric_kernel", (n_tiles, B), args, dict(PASS=p, **const), warps)
                 for p in (0, 1)]
     if rows.numel():
-        launches += [Launch("_triton_augment", "photometric_kernel", (n_tiles, rows.numel()), args,
-                            dict(PASS=p, **const), warps) for p in (3, 2)]
+        launches.append(Launch("_triton_augment", "photometric_kernel", (n_blur_tiles, rows.numel()), args,
+                               dict(PASS=2, **const), BLUR_WARPS))
     return launches
 
 

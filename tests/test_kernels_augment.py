@@ -37,8 +37,9 @@ def _uint8(n, h, w, seed):
     return crops[:, 1]  # a strided view, as the loader's crops[:, 1]
 
 
-# all 24 orders with blur kernels cut to the image (11 taps > 5 or 7 px); 2 tiles a sample, full kernel
-@pytest.mark.parametrize("n,h,w,k", [(29, 5, 7, 11), (3, 23, 25, 5)])
+# all 24 orders with blur kernels cut to the image (11 taps > 5 or 7 px); 2 tiles a sample, full
+# kernel; the blur's blocks 2 x 3 (28 rows x 32 columns at 5 taps, 42 x 32 at ImageNet's 23)
+@pytest.mark.parametrize("n,h,w,k", [(29, 5, 7, 11), (3, 23, 25, 5), (3, 40, 70, 5), (3, 50, 75, 23)])
 def test_matches_float64_reference(n, h, w, k):
     x, p = _uint8(n, h, w, seed=n), _params(n, seed=n)
     blur = dict(blurred=np.array([1, n - 1]), sigma=np.array([0.4, 1.7]), kernel_size=k)

@@ -37,6 +37,7 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from fastbyol_kernels.launches import blur_reads_and_flops
 from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
@@ -298,23 +299,24 @@ def launch_cost(launch, counter: Optional[CostCounter] = None) -> OpCost:
         return OpCost("triton:ema_kernel", 1, elems * (t_size + o_size) + table, elems * t_size, 3 * elems,
                       dtype=str(c["T_DTYPE"]))
     if launch.kernel == "photometric_kernel":
-        # fastbyol_kernels.augment: pass 0 reads the crops for contrast's grey sums; pass 1 reads
-        # them again and writes the finished views, or fp32 scratch for the blurred samples; passes
-        # 3 and 2 blur the scratch along rows then columns (the taps' neighbours: cache hits) and
-        # finish those views (as fastbyol_kernels.augment.photometric_bytes counts them).
+        # fastbyol_kernels.augment (as its photometric_bytes counts): pass 0 reads the crops for
+        # contrast's grey sums; pass 1 reads them again and writes the views not blurred; pass 2
+        # reads the blurred samples' blocks with their halos (each read counted, no cache
+        # assumed), writes their views, and blurs through fp32 matrix products on the CUDA cores.
         x, out = a["x_ptr"], a["out_ptr"]
         values, n_blur = x[0].numel(), a["rows_ptr"].numel()
         xb, ob, n = x.element_size(), out.element_size(), x.shape[0]
         pass_ = c["PASS"]
         if pass_ == 0:
-            read, written, n_img = values * xb * n, a["partial_ptr"].numel() * 4, n
-        elif pass_ == 1:
-            read, written, n_img = values * xb * n, values * (ob * (n - n_blur) + 4 * n_blur), n
-        elif pass_ == 3:
-            read, written, n_img = values * 4 * n_blur, values * 4 * n_blur, n_blur
-        else:
-            read, written, n_img = values * 4 * n_blur, values * ob * n_blur, n_blur
-        return OpCost(f"triton:photometric_pass{pass_}", 1, read, written, 30 * values * n_img, dtype=str(out.dtype))
+            return OpCost("triton:photometric_pass0", 1, values * xb * n, a["partial_ptr"].numel() * 4,
+                          30 * values * n, dtype=str(out.dtype))
+        if pass_ == 1:
+            kept = n - n_blur
+            return OpCost("triton:photometric_pass1", 1, values * xb * kept, values * ob * kept, 30 * values * kept,
+                          dtype=str(out.dtype))
+        pixels, flops = blur_reads_and_flops(x.shape[2], x.shape[3], c["BLUR_K"])
+        return OpCost("triton:photometric_pass2", 1, 3 * pixels * xb * n_blur, values * ob * n_blur,
+                      flops * n_blur, kind="matmul", dtype="float32")
     if launch.kernel in ("lars_norms_kernel", "lars_update_kernel"):
         # fastbyol_kernels.lars: the norms read weights and gradients; the update reads weights,
         # gradients and momentum and writes momentum and weights (plus its block table).

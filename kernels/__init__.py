@@ -16,11 +16,12 @@ Contents:
 - :func:`ema_update_` and :class:`ModuleEMA`: ``target ← m·target + (1 − m)·online`` over
   whole parameter lists in one pass, momentum as a float or a device tensor (fp32 or fp64).
 - :func:`photometric`: BYOL's per-sample colour augmentation (flip, colour jitter in each
-  sample's order, grayscale, solarisation, normalisation; blur by the caller in between) in
-  one pass over the pixels plus a first pass for contrast's grey means, written in the
-  training dtype.
-- :func:`lars_step_`: one LARS step of a parameter group (per-tensor norms in one launch, the
-  update in one more; 28 bytes per fp32 parameter), :func:`lars_step_reference_` its
+  sample's order, grayscale, Gaussian blur of the samples that draw it, solarisation,
+  normalisation) in one pass over the pixels plus a first pass for contrast's grey means,
+  written in the training dtype.
+- :func:`lars_step_`: one LARS step of a parameter group (per-tensor norms in two launches, in
+  a fixed order: the same trust ratios on every run; the update in one more; 28 bytes per fp32
+  parameter), :func:`lars_step_reference_` its
   ``_foreach`` reference (``fastbyol.optim.LARS`` runs either).
 - Drop-ins with the peers' signatures (``drop_in.py``): :func:`get_ema_multi_avg_fn` for
   ``torch.optim.swa_utils.AveragedModel``, :class:`ModelEmaV3` (timm's), :func:`update_momentum`

@@ -1,7 +1,7 @@
 """Triton kernels of the multi-tensor LARS step (imported only when the fused path runs; see
 lars.py, whose launch builders in launches.py give every launch: grid, arguments, constexprs).
 
-Both kernels walk one block table: program ``pid`` takes block ``pid``, i.e. elements
+The norms and update kernels walk one block table: program ``pid`` takes block ``pid``, i.e. elements
 ``[offset, offset + BLOCK)`` of tensor ``blk_tensor[pid]``, whose addresses come from the
 per-tensor pointer arrays (so a step whose gradients moved rewrites ``T`` pointers, not the
 table). Scalars arrive as fp32 pairs ``hi + lo`` (Triton passes Python floats as fp32): fp32
@@ -39,10 +39,12 @@ def _start(ptrs, t, off, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def lars_norms_kernel(blk_tensor, blk_offset, numels, w_ptrs, g_ptrs, sq_ptr, wd_hi, wd_lo,
+def lars_norms_kernel(blk_tensor, blk_offset, numels, w_ptrs, g_ptrs, part_ptr, wd_hi, wd_lo,
                       DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    # Per tensor t: sq[2t] += Σ w², sq[2t + 1] += Σ u², u = g + wd·w (u is not stored: the
-    # update recomputes it from the w and g it reads anyway).
+    # Per block: part[2·pid] = Σ w², part[2·pid + 1] = Σ u², u = g + wd·w (u is not stored: the
+    # update recomputes it from the w and g it reads anyway). No atomics: the per-tensor sums
+    # are formed by lars_norms_finish_kernel in a fixed order, so a trust ratio is the same
+    # to the last bit from run to run.
     t, off, n = _locate(blk_tensor, blk_offset, numels, BLOCK)
     w_p = _start(w_ptrs, t, off, DTYPE, ALIGNED)
     g_p = _start(g_ptrs, t, off, DTYPE, ALIGNED)
@@ -55,8 +57,29 @@ def lars_norms_kernel(blk_tensor, blk_offset, numels, w_ptrs, g_ptrs, sq_ptr, wd
         w = tl.load(w_p + idx, mask=mask, other=0.0)
         g = tl.load(g_p + idx, mask=mask, other=0.0)
     u = g + _scalar(wd_hi, wd_lo, DTYPE) * w
-    tl.atomic_add(sq_ptr + 2 * t, tl.sum(w * w, axis=0))
-    tl.atomic_add(sq_ptr + 2 * t + 1, tl.sum(u * u, axis=0))
+    pid = tl.program_id(0)
+    tl.store(part_ptr + 2 * pid, tl.sum(w * w, axis=0))
+    tl.store(part_ptr + 2 * pid + 1, tl.sum(u * u, axis=0))
+
+
+@triton.jit
+def lars_norms_finish_kernel(first_blk, numels, part_ptr, sq_ptr,
+                             DTYPE: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr):
+    # Per tensor t (one program each): sq[2t], sq[2t + 1] = the sums of its blocks' partials,
+    # RBLOCK lanes at a time, then across the lanes: the same order on every run.
+    t = tl.program_id(0)
+    first = tl.load(first_blk + t)
+    n_blk = tl.cdiv(tl.load(numels + t), BLOCK)
+    r = tl.arange(0, RBLOCK)
+    acc_w = tl.zeros((RBLOCK,), DTYPE)
+    acc_u = tl.zeros((RBLOCK,), DTYPE)
+    for s in range(0, n_blk, RBLOCK):
+        mask = s + r < n_blk
+        at = part_ptr + 2 * (first + s + r)
+        acc_w += tl.load(at, mask=mask, other=0.0)
+        acc_u += tl.load(at + 1, mask=mask, other=0.0)
+    tl.store(sq_ptr + 2 * t, tl.sum(acc_w, axis=0))
+    tl.store(sq_ptr + 2 * t + 1, tl.sum(acc_u, axis=0))
 
 
 @triton.jit

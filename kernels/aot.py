@@ -38,7 +38,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .launches import (EMA_BLOCK, Launch, ema_launch, lars_norms_launch, lars_update_launch, loss_bwd_launch,
+from .launches import (EMA_BLOCK, Launch, _tl_dtype, ema_launch, lars_norms_launches, lars_update_launch, loss_bwd_launch,
                        loss_fwd_launch, photometric_launches)
 
 CAPABILITIES = (80, 90, 100)  # A100, H100/H200, B200
@@ -198,8 +198,10 @@ def expects_vectors(launch: Launch) -> Tuple[bool, bool]:
         return aligned, aligned
     if launch.kernel == "photometric_kernel":  # uint8 gathers (flip), strided stores: nothing vectorised
         return False, False
-    if launch.kernel == "lars_norms_kernel":  # stores nothing but two atomics a block
+    if launch.kernel == "lars_norms_kernel":  # stores nothing but two scalars a block
         return bool(launch.constexprs["ALIGNED"]), False
+    if launch.kernel == "lars_norms_finish_kernel":  # interleaved pairs, a few KB
+        return False, False
     a = launch.args
     rows = all(a[k] == 1 for k in ("sp1", "sz1", "sq1", "sy1")) and a["D"] % 16 == 0
     aligned = all(a[k].data_ptr() % 16 == 0 for k in ("p_ptr", "z_ptr", "q_ptr", "y_ptr"))
@@ -334,14 +336,12 @@ def lars_launches_for(params, grads, bufs, adapt: bool = True) -> List[Launch]:
     plan = LarsPlan(params, bufs, LARS_BLOCKS[params[0].dtype])
     g_ptrs = plan.grad_pointers(grads)
     aligned = plan.aligned and plan.g_aligned
-    sq = torch.empty(2 * len(params), dtype=plan.dtype)
-    out = [lars_norms_launch(plan, g_ptrs, sq, 1.5e-6, aligned)] if adapt else []
-    return out + [lars_update_launch(plan, g_ptrs, sq if adapt else plan.numels, 0.1, 0.9, 1.5e-6, 1e-3, adapt,
-                                     aligned)]
+    out, sq = lars_norms_launches(plan, g_ptrs, 1.5e-6, aligned) if adapt else ([], plan.numels)
+    return out + [lars_update_launch(plan, g_ptrs, sq, 0.1, 0.9, 1.5e-6, 1e-3, adapt, aligned)]
 
 
 def lars_specialisations() -> List[Launch]:
-    """Every LARS specialisation: fp32, fp64 x adapted (norms + update) or excluded (update)
+    """Every LARS specialisation: fp32, fp64 x adapted (norms, their sums, update) or excluded (update)
     x aligned or not."""
     out = []
     for dtype in LARS_DTYPES:
@@ -389,7 +389,8 @@ def selection(name: str, capabilities: Sequence[int] = CAPABILITIES) -> List[Tup
         loss_specialisations([(1000, 256)], [torch.float16])
     lars = unique(lars_specialisations())
     variants = [ema[0], next(x for x in ema if x.args["m_ptr"].dtype == torch.float64)] + loss_launches_for(4096, 256, torch.float32)[:2]
-    variants += [x for x in lars if x.constexprs["ALIGNED"] and x.args["sq_ptr"].dtype == torch.float32][:2]
+    fp32 = str(_tl_dtype(torch.float32))
+    variants += [x for x in lars if x.constexprs.get("ALIGNED") and str(x.constexprs["DTYPE"]) == fp32][:2]
     augment = unique(augment_launches_for(256, 224, torch.bfloat16))  # the three passes, as ImageNet trains
     first, rest = capabilities[0], capabilities[1:]
     return [(x, first) for x in ema + lars + loss + augment] + [(x, cc) for x in variants + augment[1:2] for cc in rest]

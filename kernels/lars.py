@@ -1,4 +1,4 @@
-"""Multi-tensor LARS step: per-tensor norms in one launch, the update in one more.
+"""Multi-tensor LARS step: per-tensor norms in two launches (blocks, then tensors), the update in one.
 
 One LARS step (You et al. 2017), for a tensor w with gradient g, momentum buffer buf::
 
@@ -11,9 +11,9 @@ and for excluded tensors (biases, normalisation parameters) ``buf = m·buf + g; 
 
 :func:`lars_step_reference_` is PyTorch ``_foreach`` ops (fastbyol's LARS, the CPU fallback);
 :func:`lars_step_` runs, for fp32/fp64 tensors sharing one dense layout, two Triton kernels
-over a block table of every tensor of the group (``launches.lars_norms_launch``,
-``lars_update_launch``): the first adds each block's ``Σ w²`` and ``Σ u²`` to its tensor's
-accumulators, the second reads them back, forms the trust ratio and updates. Memory traffic
+over a block table of every tensor of the group (``launches.lars_norms_launches``,
+``lars_update_launch``): the first writes each block's ``Σ w²`` and ``Σ u²``, a small second one
+sums them per tensor, the third reads the sums, forms the trust ratio and updates. Memory traffic
 per adapted parameter: w and g read by the norms (8 B fp32), w, g, buf read and buf, w written
 by the update (20 B): 28 B, the floor of a two-pass LARS; 20 B per excluded one. No host sync:
 the trust ratios never leave the device.
@@ -23,9 +23,10 @@ once per list of tensors and cached; the gradients' addresses (autograd allocate
 gradients after ``zero_grad(set_to_none=True)``) are an int64 array of one entry per tensor,
 rebuilt (pinned, non-blocking copy) only when they moved.
 
-The norms are summed with fp32 (fp64) atomics, one pair per block: the order, hence the last
-bit of a trust ratio, can differ from run to run on a GPU (as ``torch._foreach_norm``'s does
-not); a deterministic two-stage reduction would cost one more launch.
+The per-tensor sums are formed in a fixed order (blocks' partials, then one program a tensor),
+not with atomics: a trust ratio is the same to the last bit on every run, as
+``torch._foreach_norm``'s. The partials and the sums share one allocation and need no zeroing,
+so a step is three launches for the adapted group, as with atomics and a zeroed accumulator.
 
 After a step ``grads`` hold ``u`` (reference: computed in place) or ``g`` (kernel): unspecified.
 """
@@ -37,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._backend import interpreting, is_dense, use_triton
-from .launches import LARS_BLOCKS, lars_norms_launch, lars_update_launch
+from .launches import LARS_BLOCKS, lars_norms_launches, lars_update_launch
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _MAX_PLANS = 64
@@ -87,14 +88,16 @@ class LarsPlan:
     """The block table of one group and its weights' and buffers' addresses, on the device."""
 
     def __init__(self, params: Sequence[torch.Tensor], bufs: Sequence[torch.Tensor], block: int):
-        tensor, offset = [], []
+        tensor, offset, first = [], [], []
         for i, p in enumerate(params):
+            first.append(len(tensor))
             for off in range(0, p.numel(), block):
                 tensor.append(i)
                 offset.append(off)
         dev = params[0].device
         self.blk_tensor = torch.tensor(tensor, dtype=torch.int32).to(dev)
         self.blk_offset = torch.tensor(offset, dtype=torch.int64).to(dev)
+        self.first_blk = torch.tensor(first, dtype=torch.int32).to(dev)  # each tensor's first block
         self.numels = torch.tensor([p.numel() for p in params], dtype=torch.int64).to(dev)
         self.w_ptrs, self.b_ptrs = _ptr_array(params, dev), _ptr_array(bufs, dev)
         self.n_blocks, self.n_tensors = len(tensor), len(params)
@@ -195,8 +198,9 @@ def _lars_triton_(plan: LarsPlan, lr, momentum, weight_decay, trust_coefficient,
     aligned = plan.aligned and plan.g_aligned
     k = _get_kernels()
     if adapt:
-        sq = torch.zeros(2 * plan.n_tensors, dtype=plan.dtype, device=plan.numels.device)
-        lars_norms_launch(plan, g_ptrs, sq, weight_decay, aligned).run(k.lars_norms_kernel)
+        norms, sq = lars_norms_launches(plan, g_ptrs, weight_decay, aligned)
+        for launch in norms:
+            launch.run(getattr(k, launch.kernel))
     else:
         sq = plan.numels  # unused by the excluded update: any tensor will do
     lars_update_launch(plan, g_ptrs, sq, lr, momentum, weight_decay, trust_coefficient, adapt,

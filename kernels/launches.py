@@ -182,7 +182,7 @@ def augment_blocks(hw: int) -> Tuple[int, int, int]:
 
 BLUR_ROWS = 16  # pass 2 colours its input tile 16 x 16 pixels at a time (a matrix product's least side)
 BLUR_COLS = 32  # output columns a pass-2 program
-BLUR_WARPS = 16  # its registers then cap at 128 a thread; at 8 warps the products' operands take 255
+BLUR_WARPS = 16  # 128 registers a thread at most (one program fills an SM's registers); at 8 warps it took 255
 
 
 def blur_tile(kernel_size: int) -> int:
@@ -274,22 +274,35 @@ def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def lars_norms_launch(plan, g_ptrs, sq, weight_decay: float, aligned: bool) -> Launch:
-    """Per-tensor ``Σ w²`` and ``Σ (g + wd·w)²`` of one group into ``sq`` (``[2T]``, zeroed by
-    the caller: the programs add to it atomically), one program per block of the plan's table.
+LARS_RBLOCK = 1024  # block partials the finishing kernel sums a step (ResNet-50's largest tensor: 1,152 blocks)
+
+
+def lars_norms_launches(plan, g_ptrs, weight_decay: float, aligned: bool) -> Tuple[list, torch.Tensor]:
+    """Per-tensor ``Σ w²`` and ``Σ (g + wd·w)²`` of one group, in two launches: one program per
+    block of the plan's table writes its block's pair (``args["part_ptr"]``, ``[2·blocks]``),
+    then one program per tensor sums its blocks' pairs in a fixed order. Returns the launches
+    and ``sq`` (``[2T]``, what the update reads); both outputs are one allocation, no memset.
 
     Args:
-        plan: the group's block table (``blk_tensor``, ``blk_offset``, ``numels``, ``w_ptrs``
-            on the device; ``dtype``, ``block``).
+        plan: the group's block table (``blk_tensor``, ``blk_offset``, ``first_blk``, ``numels``,
+            ``w_ptrs`` on the device; ``dtype``, ``block``, ``n_blocks``, ``n_tensors``).
         g_ptrs: the gradients' addresses, int64 ``[T]`` on the device.
         aligned: every base address (weights, gradients) 16-byte aligned.
     """
     wd = _hi_lo(weight_decay)
-    return Launch(
+    start = _cdiv(2 * plan.n_tensors, 4) * 4  # both parts 16-byte aligned: one specialisation each
+    out = torch.empty(start + 2 * plan.n_blocks, dtype=plan.dtype, device=plan.numels.device)
+    sq, part = out[:2 * plan.n_tensors], out[start:]
+    norms = Launch(
         "_triton_lars", "lars_norms_kernel", (plan.n_blocks,),
         dict(blk_tensor=plan.blk_tensor, blk_offset=plan.blk_offset, numels=plan.numels, w_ptrs=plan.w_ptrs,
-             g_ptrs=g_ptrs, sq_ptr=sq, wd_hi=wd[0], wd_lo=wd[1]),
+             g_ptrs=g_ptrs, part_ptr=part, wd_hi=wd[0], wd_lo=wd[1]),
         dict(DTYPE=_tl_dtype(plan.dtype), ALIGNED=aligned, BLOCK=plan.block), LARS_WARPS)
+    finish = Launch(
+        "_triton_lars", "lars_norms_finish_kernel", (plan.n_tensors,),
+        dict(first_blk=plan.first_blk, numels=plan.numels, part_ptr=part, sq_ptr=sq),
+        dict(DTYPE=_tl_dtype(plan.dtype), BLOCK=plan.block, RBLOCK=LARS_RBLOCK), 4)
+    return [norms, finish], sq
 
 
 def lars_update_launch(plan, g_ptrs, sq, lr: float, momentum: float, weight_decay: float, trust_coefficient: float,

@@ -5,13 +5,17 @@ from torch import nn
 
 from fastbyol.host_sync import record_host_syncs
 from fastbyol.optim import LARS, param_groups
+from fastbyol_kernels import launches
 from fastbyol_kernels import lars as lars_mod
 from fastbyol_kernels.lars import lars_step_, lars_step_reference_
 
+
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Blocks of 256 / 128 elements: the 2257-element weight spans 9 / 18 programs."""
+    """Blocks of 256 / 128 elements: the 2257-element weight spans 9 / 18 programs, whose
+    partial sums the finishing kernel adds 4 at a time (3 / 5 turns of its loop)."""
     monkeypatch.setattr(lars_mod, "_block_for", lambda dtype: {torch.float32: 256, torch.float64: 128}[dtype])
+    monkeypatch.setattr(launches, "LARS_RBLOCK", 4)
 
 
 HYPER = dict(lr=0.7, momentum=0.9, weight_decay=1e-2, trust_coefficient=1e-3)
@@ -93,14 +97,20 @@ def test_float64_against_plain_maths_on_unaligned_views():
         torch.testing.assert_close(b, wb, rtol=1e-13, atol=1e-15)
 
 
-def test_two_launches_for_weights_one_for_excluded(monkeypatch):
+def test_three_launches_for_weights_one_for_excluded(monkeypatch):
     seen = []
-    real = lars_mod.lars_update_launch, lars_mod.lars_norms_launch
+    real = lars_mod.lars_update_launch, lars_mod.lars_norms_launches
+
+    def norms(*a, **k):
+        launches, sq = real[1](*a, **k)
+        seen.extend(x.kernel for x in launches)
+        return launches, sq
+
     monkeypatch.setattr(lars_mod, "lars_update_launch", lambda *a, **k: seen.append("update") or real[0](*a, **k))
-    monkeypatch.setattr(lars_mod, "lars_norms_launch", lambda *a, **k: seen.append("norms") or real[1](*a, **k))
+    monkeypatch.setattr(lars_mod, "lars_norms_launches", norms)
     nets, opts = _pair(torch.float32)
     _steps(nets, opts, n=1)
-    assert seen == ["norms", "update", "update"]
+    assert seen == ["lars_norms_kernel", "lars_norms_finish_kernel", "update", "update"]
 
 
 def test_no_host_sync_once_the_tables_exist():

@@ -317,6 +317,12 @@ def launch_cost(launch, counter: Optional[CostCounter] = None) -> OpCost:
         pixels, flops = blur_reads_and_flops(x.shape[2], x.shape[3], c["BLUR_K"])
         return OpCost("triton:photometric_pass2", 1, 3 * pixels * xb * n_blur, values * ob * n_blur,
                       flops * n_blur, kind="matmul", dtype="float32")
+    if launch.kernel == "lars_norms_finish_kernel":
+        # fastbyol_kernels.lars: each tensor's block partials summed (two values a block).
+        size = _TL_SIZES.get(str(c["DTYPE"]), 4)
+        parts, tensors = a["part_ptr"].numel(), a["sq_ptr"].numel()
+        return OpCost("triton:lars_norms_finish", 1, size * parts + 12 * tensors // 2, size * tensors, parts,
+                      dtype=str(c["DTYPE"]))
     if launch.kernel in ("lars_norms_kernel", "lars_update_kernel"):
         # fastbyol_kernels.lars: the norms read weights and gradients; the update reads weights,
         # gradients and momentum and writes momentum and weights (plus its block table).
@@ -325,7 +331,8 @@ def launch_cost(launch, counter: Optional[CostCounter] = None) -> OpCost:
         size = _TL_SIZES.get(str(c["DTYPE"]), 4)
         table = a["blk_tensor"].numel() * (a["blk_tensor"].element_size() + a["blk_offset"].element_size())
         if launch.kernel == "lars_norms_kernel":
-            return OpCost("triton:lars_norms", 1, 2 * size * elems + table, 0, 4 * elems, dtype=str(c["DTYPE"]))
+            return OpCost("triton:lars_norms", 1, 2 * size * elems + table, 2 * size * a["blk_tensor"].numel(),
+                          4 * elems, dtype=str(c["DTYPE"]))
         return OpCost("triton:lars_update", 1, 3 * size * elems + table, 2 * size * elems, 5 * elems,
                       dtype=str(c["DTYPE"]))
     raise ValueError(f"no cost rule for Triton kernel {launch.kernel!r}: add one to fastbyol.cost.counter.launch_cost")

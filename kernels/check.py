@@ -168,7 +168,7 @@ def check_photometric(B: int, size: int, device: str, seed: int) -> None:
 
 def check_lars(n: int, dtype: torch.dtype, device: str, seed: int) -> None:
     """:func:`lars_step_` (weights, then excluded) over ``n`` tensors of odd sizes, one all
-    zero (trust 1), against the formulas in fp64."""
+    zero (trust 1), against the formulas in fp64; run twice on the same inputs, bit for bit equal."""
     g = torch.Generator().manual_seed(seed)
     sizes = [(1,), (7,), (3, 5, 7), (4097,), (2, 2049), (513, 257)]
     shapes = [sizes[i % len(sizes)] for i in range(n)]
@@ -183,8 +183,11 @@ def check_lars(n: int, dtype: torch.dtype, device: str, seed: int) -> None:
             trust = eta * w.norm() / u.norm() if adapt and w.norm() > 0 and u.norm() > 0 else 1.0
             nb = m * b + trust * u
             want_b.append(nb), want_w.append(w - lr * nb)
-        lars_step_(ws, gs, bs, lr=lr, momentum=m, weight_decay=wd if adapt else 0.0, trust_coefficient=eta,
-                   adapt=adapt, backend="triton")
+        again = [[t.clone() for t in ts] for ts in (ws, gs, bs)]
+        for w_, g_, b_ in ((ws, gs, bs), again):  # twice: the norms' fixed order gives equal bits
+            lars_step_(w_, g_, b_, lr=lr, momentum=m, weight_decay=wd if adapt else 0.0, trust_coefficient=eta,
+                       adapt=adapt, backend="triton")
+        assert all(torch.equal(a, b) for a, b in zip(ws + bs, again[0] + again[2])), "two runs differ"
         tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
         for w, b, ww, wb in zip(ws, bs, want_w, want_b):
             torch.testing.assert_close(b.double(), wb, **tol)

@@ -101,8 +101,9 @@ class BYOL(nn.Module):
         views_in_one_batch: ``True`` (byol-pytorch's way): both views go through the networks as
             one ``2B`` batch, so BatchNorm statistics are over both; ``False``: one forward per
             view, per-view statistics, as the BYOL reference and ``fastbyol train``.
-        kernels: backend of the fused loss and EMA, ``auto|triton|torch`` (fastbyol's
-            ``train.kernels``); default ``BYOL.default_kernels`` (``auto``).
+        kernels: backend of the fused loss, EMA and default views' photometry,
+            ``auto|triton|torch`` (fastbyol's ``train.kernels``); default
+            ``BYOL.default_kernels`` (``auto``).
 
     Raises:
         ValueError: a ``hidden_layer`` that does not exist; at call time, images that are not
@@ -155,7 +156,7 @@ class BYOL(nn.Module):
         self.to(device)
         # User augmentations as byol-pytorch pairs them (None: fastbyol's view for that side).
         self.augment1, self.augment2 = augment_fn, augment_fn2 if augment_fn2 is not None else augment_fn
-        self.default_views = TwoViews(default_augment_config(image_size))
+        self.default_views = TwoViews(default_augment_config(image_size), kernels=self.kernels)
         self._input_hw = None
         self._target_reset = False  # reset, not yet re-copied by a training forward (byol-pytorch's lazy target)
 
@@ -186,8 +187,8 @@ class BYOL(nn.Module):
         """The two augmented views of ``x`` (the default ones from one batched pass)."""
         if self.augment1 is None and self.augment2 is None:
             return self.default_views(x, keys)
-        v1 = self.augment1(x) if self.augment1 is not None else TwoViews(self.default_views.cfg, (0,))(x, keys)
-        v2 = self.augment2(x) if self.augment2 is not None else TwoViews(self.default_views.cfg, (1,))(x, keys)
+        v1 = self.augment1(x) if self.augment1 is not None else TwoViews(self.default_views.cfg, (0,), self.kernels)(x, keys)
+        v2 = self.augment2(x) if self.augment2 is not None else TwoViews(self.default_views.cfg, (1,), self.kernels)(x, keys)
         return v1, v2
 
     def training_views(self, x: torch.Tensor, keys=None):

@@ -10,7 +10,7 @@ One LARS step (You et al. 2017), for a tensor w with gradient g, momentum buffer
 and for excluded tensors (biases, normalisation parameters) ``buf = m·buf + g; w -= lr·buf``.
 
 :func:`lars_step_reference_` is PyTorch ``_foreach`` ops (fastbyol's LARS, the CPU fallback);
-:func:`lars_step_` runs, for fp32/fp64 tensors sharing one dense layout, two Triton kernels
+:func:`lars_step_` runs, for fp32/fp64 tensors sharing one dense layout, three Triton kernels
 over a block table of every tensor of the group (``launches.lars_norms_launches``,
 ``lars_update_launch``): the first writes each block's ``Σ w²`` and ``Σ u²``, a small second one
 sums them per tensor, the third reads the sums, forms the trust ratio and updates. Memory traffic

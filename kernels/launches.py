@@ -205,7 +205,7 @@ def blur_reads_and_flops(H: int, W: int, kernel_size: int) -> Tuple[int, int]:
     """Pixels pass 2 loads for one blurred ``H x W`` sample (each program its block and halo,
     the image's edges masked off: a pixel in several programs' halos is counted in each) and
     the FLOPs of its matrix products (three channels)."""
-    tile, out, _ = blur_tiles(H, W, kernel_size)
+    tile, out, programs = blur_tiles(H, W, kernel_size)
     half = kernel_size // 2
     in_cols = _cdiv(BLUR_COLS + 2 * half, BLUR_ROWS) * BLUR_ROWS
 
@@ -214,7 +214,6 @@ def blur_reads_and_flops(H: int, W: int, kernel_size: int) -> Tuple[int, int]:
 
     slabs, chunks = tile // BLUR_ROWS, in_cols // BLUR_ROWS
     per_program = 3 * (slabs * chunks * 2 * BLUR_ROWS * BLUR_ROWS * BLUR_COLS + slabs * 2 * tile * BLUR_ROWS * BLUR_COLS)
-    programs = _cdiv(H, out) * _cdiv(W, BLUR_COLS)
     return covered(H, out, tile) * covered(W, BLUR_COLS, in_cols), per_program * programs
 
 

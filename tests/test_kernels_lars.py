@@ -102,9 +102,9 @@ def test_three_launches_for_weights_one_for_excluded(monkeypatch):
     real = lars_mod.lars_update_launch, lars_mod.lars_norms_launches
 
     def norms(*a, **k):
-        launches, sq = real[1](*a, **k)
-        seen.extend(x.kernel for x in launches)
-        return launches, sq
+        made, sq = real[1](*a, **k)
+        seen.extend(x.kernel for x in made)
+        return made, sq
 
     monkeypatch.setattr(lars_mod, "lars_update_launch", lambda *a, **k: seen.append("update") or real[0](*a, **k))
     monkeypatch.setattr(lars_mod, "lars_norms_launches", norms)

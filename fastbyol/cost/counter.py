@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from fastbyol_kernels.launches import blur_reads_and_flops
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
@@ -318,10 +318,12 @@ def launch_cost(launch, counter: Optional[CostCounter] = None) -> OpCost:
         return OpCost("triton:photometric_pass2", 1, 3 * pixels * xb * n_blur, values * ob * n_blur,
                       flops * n_blur, kind="matmul", dtype="float32")
     if launch.kernel == "lars_norms_finish_kernel":
-        # fastbyol_kernels.lars: each tensor's block partials summed (two values a block).
+        # fastbyol_kernels.lars: each tensor's block partials (two values a block) summed into
+        # its pair of sums, from its first block's index and its size.
         size = _TL_SIZES.get(str(c["DTYPE"]), 4)
-        parts, tensors = a["part_ptr"].numel(), a["sq_ptr"].numel()
-        return OpCost("triton:lars_norms_finish", 1, size * parts + 12 * tensors // 2, size * tensors, parts,
+        parts, table = a["part_ptr"].numel(), a["first_blk"].numel() * (
+            a["first_blk"].element_size() + a["numels"].element_size())
+        return OpCost("triton:lars_norms_finish", 1, size * parts + table, size * a["sq_ptr"].numel(), parts,
                       dtype=str(c["DTYPE"]))
     if launch.kernel in ("lars_norms_kernel", "lars_update_kernel"):
         # fastbyol_kernels.lars: the norms read weights and gradients; the update reads weights,

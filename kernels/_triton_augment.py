@@ -269,7 +269,10 @@ def photometric_kernel(x_ptr, params_ptr, partial_ptr, out_ptr, slot_ptr, rows_p
         y = tl.where(pm, _gray(r, g, b), 0.0)
         tl.store(partial_ptr + b_id * n_tiles + tile, tl.sum(y, axis=0))
         return
-    r, g, b = _colour(r, g, b, prm, _contrast_mean(prm, partial_ptr, b_id, n_tiles, hw, BLOCK_TILES))
+    m = tl.zeros((), tl.float32)
+    if tl.load(prm + _JITTER) != 0:  # only then are the grey sums used: not read otherwise
+        m = _contrast_mean(prm, partial_ptr, b_id, n_tiles, hw, BLOCK_TILES)
+    r, g, b = _colour(r, g, b, prm, m)
     solarize = tl.load(prm + _SOLARIZE) != 0
     dst = out_ptr + b_id * sob + hh * soh + ww * sow
     _finish_store(r, dst, pm, solarize, mean0, std0)
